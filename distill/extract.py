@@ -1,0 +1,259 @@
+"""Teacher extraction: corpus -> teacher records, through Ray Data.
+
+    distill extract --config jobs/configs/gemma3-270m_to_tiny_cpu.yaml records.uri=s3://bucket/run/records
+
+1. Prepare (driver, before any long work): load the tokenizer and task, build the
+   answer grammar and output vocabulary, read and filter the corpus, check the output
+   location is writable. Kept comments are cut into shards of `records.shard_size`
+   in corpus order.
+2. Pin the plan: `plan.json` records which comment ids go to which shard and what the
+   records are made with. A rerun against the same location must produce the same
+   plan (else it stops with one line saying what differs), and skips every shard that
+   already exists: shards are written whole or not at all, so no comment is written twice.
+3. Extract: the missing shards go through `ray.data.from_items(...).map_batches(ShardWriter)`,
+   a callable class that loads the teacher once per actor (one actor per GPU, or one
+   on a CPU machine), answers each shard in teacher batches and writes the shard itself;
+   only a small summary per shard returns to the driver, which shows progress and records/s.
+4. Seal: `manifest.json` (format version, teacher, tokenizer hash, vocabulary, task,
+   prompt, decoding, automaton, shard list with row counts and sha256) is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from distill import records, storage
+from distill.config import Config, config_to_dict, config_to_yaml
+from distill.constrained import AnswerGrammar, end_of_answer_id
+from distill.corpus import CorpusStats, read_corpus
+from distill.task import Task, load_task, resolve_style
+from distill.teacher import load_teacher, load_tokenizer, teacher_fingerprint, tokenizer_hash
+from distill.vocab import OutputVocab, build_output_vocab
+
+
+@dataclass
+class Prepared:
+    """Everything extraction needs, built once in the driver."""
+
+    cfg: Config
+    tokenizer: object
+    task: Task
+    style: str
+    prefix: str
+    suffix: str
+    grammar: AnswerGrammar
+    vocab: OutputVocab
+    corpus: pa.Table
+    stats: CorpusStats
+
+
+def encode_comment(tokenizer, text: str) -> list[int]:
+    """The one encoding of a comment, shared by corpus filtering, the teacher and the student."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prepare(cfg: Config) -> Prepared:
+    storage.check_writable(cfg.records.uri)
+    tokenizer = load_tokenizer(cfg.teacher)
+    task = load_task(cfg.task.name)
+    style = resolve_style(cfg.task.prompt_style, tokenizer)
+    prefix, suffix = task.prompt_parts(style, tokenizer)
+    grammar = AnswerGrammar(task, tokenizer, end_of_answer_id(tokenizer, style))
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    corpus, stats = read_corpus(cfg.corpus, count_tokens, storage.join(cfg.records.uri, "quarantine.jsonl"))
+    vocab = build_output_vocab(grammar, tokenizer, cfg.vocab.size, prefix + suffix, corpus.column("text").to_pylist())
+    return Prepared(cfg, tokenizer, task, style, prefix, suffix, grammar, vocab, corpus, stats)
+
+
+def automaton_spec(grammar: AnswerGrammar, vocab: OutputVocab) -> dict:
+    """The answer automaton over output-vocab indices, sparse, so records are self-describing."""
+    automaton = grammar.automaton(vocab)
+    table = automaton.table.tolist()
+    return {"transitions": [{str(v): nxt for v, nxt in enumerate(row) if nxt >= 0} for row in table],
+            "final": automaton.final, "max_steps": automaton.max_steps}
+
+
+def make_plan(p: Prepared) -> dict:
+    ids = p.corpus.column("id").to_pylist()
+    size = p.cfg.records.shard_size
+    shards = [ids[i:i + size] for i in range(0, len(ids), size)]
+    return {
+        "format_version": records.RECORDS_FORMAT_VERSION,
+        "teacher": teacher_fingerprint(p.cfg.teacher),
+        "tokenizer_hash": tokenizer_hash(p.tokenizer),
+        "task": p.task.to_dict(),
+        "prompt": {"style": p.style, "prefix": p.prefix, "suffix": p.suffix},
+        "vocab": p.vocab.to_dict(),
+        "vocab_fingerprint": p.vocab.fingerprint(),
+        "decoding": {"method": "greedy", "constrained": True, "end_id": p.grammar.end_id},
+        "automaton": automaton_spec(p.grammar, p.vocab),
+        "logits_dtype": p.cfg.records.logits_dtype,
+        "shard_size": size,
+        "shard_ids_sha256": [hashlib.sha256("\n".join(s).encode()).hexdigest() for s in shards],
+    }
+
+
+def pin_plan(uri: str, plan: dict) -> None:
+    """Write plan.json, or check that an earlier run's plan is the same one."""
+    old = records.read_json(uri, records.PLAN_NAME)
+    if old is None:
+        records.write_json(uri, records.PLAN_NAME, plan)
+        return
+    for key in plan:
+        if old.get(key) != plan[key]:
+            raise records.RecordsError(
+                f"{uri} holds records of another extraction ({key} differs); "
+                f"rerun with the same config or choose a new records.uri")
+
+
+class ShardWriter:
+    """Ray Data callable class: loads the teacher once, then answers and writes whole shards."""
+
+    def __init__(self, cfg: Config, task: dict, vocab: dict, prefix: str, suffix: str, end_id: int, threads: int):
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.task = Task.from_dict(task)
+        tokenizer = load_tokenizer(cfg.teacher)
+        grammar = AnswerGrammar(self.task, tokenizer, end_id)
+        self.teacher = load_teacher(cfg.teacher, prefix, suffix, grammar, OutputVocab.from_dict(vocab), tokenizer)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}
+        for shard in batch.to_pylist():
+            start = time.perf_counter()
+            rows = self.answer_shard(shard)
+            entry = records.write_shard(self.cfg.records.uri, shard["index"], rows)
+            for key in ("index", "rows", "bytes", "sha256"):
+                out[key].append(entry[key])
+            out["seconds"].append(time.perf_counter() - start)
+        return out
+
+    def answer_shard(self, shard: dict) -> list[dict]:
+        n, bs = len(shard["ids"]), self.cfg.teacher.batch_size
+        order = sorted(range(n), key=lambda i: len(shard["comment_ids"][i]))  # length-sorted batches pad less
+        answers = [None] * n
+        for start in range(0, n, bs):
+            chunk = order[start:start + bs]
+            for i, answer in zip(chunk, self.teacher.answer([shard["comment_ids"][i] for i in chunk])):
+                answers[i] = answer
+        rows = []
+        for i, a in enumerate(answers):
+            fields = self.teacher.grammar.decode_answer(a.teacher_ids)
+            if fields is None:  # cannot happen under the automaton; refuse to write a bad record
+                raise RuntimeError(f"comment {shard['ids'][i]}: teacher answer is not valid: {a.teacher_ids}")
+            rows.append({
+                "id": shard["ids"][i], "split": shard["splits"][i], "text": shard["texts"][i],
+                "provenance": shard["provenance"][i], "comment_ids": shard["comment_ids"][i],
+                "answer_ids": a.vocab_indices, "answer_text": self.task.format_answer(fields), "answer": fields,
+                "n_steps": len(a.vocab_indices),
+                "logits": records.encode_logits(a.logits, self.cfg.records.logits_dtype),
+            })
+        return rows
+
+
+def shard_items(p: Prepared, todo: list[int]) -> list[dict]:
+    t = p.corpus
+    label_fields = [c for c in t.column_names if c not in ("id", "text", "split")]
+    ids, texts, splits = (t.column(c).to_pylist() for c in ("id", "text", "split"))
+    labels = {c: t.column(c).to_pylist() for c in label_fields}
+    size = p.cfg.records.shard_size
+    items = []
+    for k in todo:
+        sl = range(k * size, min((k + 1) * size, len(ids)))
+        items.append({
+            "index": k,
+            "ids": [ids[i] for i in sl],
+            "texts": [texts[i] for i in sl],
+            "splits": [splits[i] for i in sl],
+            "provenance": [json.dumps({c: labels[c][i] for c in label_fields}) for i in sl],
+            "comment_ids": [encode_comment(p.tokenizer, texts[i]) for i in sl],
+        })
+    return items
+
+
+def actor_resources(cfg: Config) -> tuple[int, dict, int]:
+    """(number of actors, Ray resources per actor, torch threads per actor)."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        n = cfg.teacher.actors or max(1, int(gpus / cfg.teacher.gpus_per_actor))
+        return n, {"num_gpus": cfg.teacher.gpus_per_actor, "num_cpus": 1}, 1
+    n = cfg.teacher.actors or 1
+    cpus = os.cpu_count() or 1
+    # Fractional CPUs: on a 2-core machine an actor asking for whole cores can starve Ray Data's other stages.
+    return n, {"num_cpus": 0.5}, max(1, cpus // n)
+
+
+def run_extraction(cfg: Config) -> dict:
+    """Extract (or finish extracting) teacher records; returns the manifest."""
+    import ray
+
+    started = time.perf_counter()
+    uri = cfg.records.uri
+    p = prepare(cfg)
+    print(f"[corpus] {p.stats.summary()}", flush=True)
+    print(f"[vocab] {len(p.vocab)} output tokens ({p.vocab.n_required} required, "
+          f"{len(p.vocab) - p.vocab.n_required} auxiliary); prompt style {p.style}", flush=True)
+    plan = make_plan(p)
+    pin_plan(uri, plan)
+    storage.write_bytes(storage.join(uri, "config.yaml"), config_to_yaml(cfg).encode())
+
+    n_shards = len(plan["shard_ids_sha256"])
+    done = records.existing_shards(uri)
+    todo = [k for k in range(n_shards) if k not in done]
+    print(f"[extract] {n_shards} shards of up to {cfg.records.shard_size} comments -> {uri}; "
+          f"{len(done)} already complete, {len(todo)} to do", flush=True)
+
+    wrote = 0
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                     **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        n_actors, resources, threads = actor_resources(cfg)
+        ds = ray.data.from_items(shard_items(p, todo), override_num_blocks=len(todo)).map_batches(
+            ShardWriter, batch_size=1, batch_format="pyarrow", concurrency=n_actors,
+            fn_constructor_kwargs=dict(cfg=cfg, task=p.task.to_dict(), vocab=p.vocab.to_dict(),
+                                       prefix=p.prefix, suffix=p.suffix, end_id=p.grammar.end_id,
+                                       threads=threads),
+            # A lost actor is restarted and its shard retried; shards are whole files, so nothing doubles.
+            max_restarts=-1, max_task_retries=-1, **resources)
+        todo_rows = sum(min(cfg.records.shard_size, p.corpus.num_rows - k * cfg.records.shard_size) for k in todo)
+        t0 = time.perf_counter()
+        with tqdm(total=todo_rows, unit="comment", desc="extract", dynamic_ncols=True) as bar:
+            for row in ds.iter_rows():
+                wrote += row["rows"]
+                bar.update(row["rows"])
+                bar.set_postfix(records_per_s=f"{wrote / (time.perf_counter() - t0):.2f}")
+        extract_seconds = time.perf_counter() - t0
+    else:
+        extract_seconds = 0.0
+
+    missing = [k for k in range(n_shards) if k not in records.existing_shards(uri)]
+    if missing:
+        raise records.RecordsError(f"{uri}: shards {missing[:5]} missing after extraction; rerun to finish")
+    shards = [records.shard_entry(uri, k) for k in range(n_shards)]
+    manifest = dict(plan, shards=shards, rows=sum(s["rows"] for s in shards),
+                    corpus_stats=dataclasses.asdict(p.stats),
+                    config=config_to_dict(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    records.write_json(uri, records.MANIFEST_NAME, manifest)
+    rate = wrote / extract_seconds if extract_seconds else 0.0
+    print(f"[extract] done: {manifest['rows']} records in {n_shards} shards at {uri} "
+          f"({wrote} new in {extract_seconds:.1f}s, {rate:.2f} records/s; "
+          f"{time.perf_counter() - started:.1f}s in all)", flush=True)
+    return manifest

