@@ -1,0 +1,376 @@
+"""The student: a small decoder-only transformer in the Gemma style.
+
+The student reads a comment as teacher (Gemma 3) token ids, followed by the answer so
+far, and predicts at every position a distribution over the task's small output
+vocabulary (525 tokens by default), trained to match the teacher's (see losses.py).
+Context 75 = 25 comment tokens + 50 answer tokens.
+
+Where each piece comes from:
+- Pre-norm residual blocks: GPT-2 (Radford et al. 2019); Xiong et al. 2020, "On Layer
+  Normalization in the Transformer Architecture".
+- RMSNorm: Zhang & Sennrich 2019, with Gemma's `(1 + weight)` convention (weights start
+  at zero, so every norm starts as the identity scale), computed in float32 and cast back
+  (Gemma Team 2024, "Gemma"; 2025, "Gemma 3 Technical Report").
+- Rotary position embeddings, RoPE: Su et al. 2021, "RoFormer", in the rotate-half
+  layout that Gemma and Llama use in transformers.
+- GeGLU feed-forward: Shazeer 2020, "GLU Variants Improve Transformer", with the tanh
+  approximation of GELU (Hendrycks & Gimpel 2016), as in Gemma.
+- Multi-head causal attention: Vaswani et al. 2017, through
+  torch.nn.functional.scaled_dot_product_attention (FlashAttention, Dao et al. 2022,
+  where the hardware has it).
+- Input embeddings multiplied by sqrt(d_model), as Gemma does (and Vaswani et al. 2017,
+  section 3.4). With init_std 0.02 and d_model 1024 the residual stream starts at
+  RMS ~0.64 instead of 0.02, so the first blocks' updates do not swamp the token identity.
+- Factorised (low-rank) input embedding, Embedding(V_in, R) then Linear(R, D): ALBERT
+  (Lan et al. 2019). The 262,144-token input vocabulary otherwise dominates the count
+  (262,144 x 1024 = 268M of the original 537M).
+- Initialisation: normal(0, init_std) with the residual output projections scaled by
+  1/sqrt(2 * n_layers) (GPT-2); optionally the input embedding from the teacher's
+  (`init_embedding_from_teacher`, truncated SVD / PCA, Eckart & Young 1936).
+- Untied output head Linear(D, V_out): the output vocabulary (525 tokens) is not the
+  input vocabulary (262,144).
+
+Shape letters: B batch, T time, D d_model, H heads, Dh head dim, F d_ff,
+R embedding rank, V_in input vocabulary, V_out output vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+# Parameter count, with V_in = 262,144, V_out = 525:
+#   embeddings   V_in * D                  (full, embed_rank = 0)
+#                V_in * R + R * D          (factorised, embed_rank = R)
+#   per layer    4 * D^2 (q, k, v, o) + 3 * D * F (gate, up, down) + 2 * D (two norms)
+#   final norm   D;   output head  D * V_out
+# 537m: 268,435,456 + 16 * (4,194,304 + 12,582,912 + 2,048) + 1,024 + 537,600
+#       = 537,442,304. d_ff = 4096 (4 * D) is what lands the original's 537M; the
+#       earlier "470M" count fits a narrower d_ff (~2,700, about 8/3 * D).
+# 200m: 67,108,864 + 196,608 + 14 * (2,359,296 + 7,077,888 + 1,536) + 768 + 403,200
+#       = 199,851,520 (rank 256, as the original's low-rank variant).
+# 50m:  16,777,216 + 32,768 + 8 * (1,048,576 + 3,145,728 + 1,024) + 512 + 268,800
+#       = 50,641,920. Rank 256 alone would be 67M, so rank 64; the rest goes to depth.
+# tiny: 4,194,304 + 1,024 + 2 * (16,384 + 24,576 + 128) + 64 + 33,600 = 4,311,168 (tests).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, embed_rank=16),
+    "50m": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, embed_rank=64),
+    "200m": dict(d_model=768, n_layers=14, n_heads=12, d_ff=3072, embed_rank=256),
+    "537m": dict(d_model=1024, n_layers=16, n_heads=16, d_ff=4096, embed_rank=0),
+}
+PRESET_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "embed_rank")
+
+
+def _check(ok: bool, name: str, value, why: str) -> None:
+    if not ok:
+        raise ValueError(f"student.{name}={value!r}: {why}")
+
+
+@dataclass
+class StudentConfig:
+    preset: str = "tiny"
+    """Size preset: tiny | 50m | 200m | 537m. It fills the five size fields below that are
+    left null; a field given explicitly wins over the preset."""
+    d_model: Optional[int] = None
+    """Hidden size D (null = from the preset)."""
+    n_layers: Optional[int] = None
+    """Transformer blocks (null = from the preset)."""
+    n_heads: Optional[int] = None
+    """Attention heads; head dim = d_model / n_heads, must be even for RoPE (null = from the preset)."""
+    d_ff: Optional[int] = None
+    """GeGLU inner size F (null = from the preset)."""
+    embed_rank: Optional[int] = None
+    """Input embedding rank R: 0 = a full Embedding(V_in, D); R > 0 = Embedding(V_in, R)
+    then Linear(R, D) (null = from the preset)."""
+    input_vocab_size: int = 262144
+    """Input vocabulary: the teacher tokenizer's (Gemma 3: 262,144)."""
+    output_vocab_size: int = 525
+    """Output vocabulary: the task's answer tokens plus auxiliary tokens (vocab.size)."""
+    max_comment_tokens: int = 25
+    """Longest comment, in teacher tokens."""
+    max_answer_tokens: int = 50
+    """Longest answer, in teacher tokens."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 = none)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation, and the entry RMS that a
+    teacher-initialised input embedding is rescaled to."""
+
+    def __post_init__(self):
+        _check(self.preset in PRESETS, "preset", self.preset, f"must be one of {', '.join(PRESETS)}")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_comment_tokens", "max_answer_tokens"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+               f"must be divisible by student.n_heads ({self.n_heads})")
+        _check(self.head_dim % 2 == 0, "n_heads", self.n_heads,
+               f"d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+        _check(0 <= self.embed_rank < self.d_model, "embed_rank", self.embed_rank,
+               f"must be 0 (full embedding) or between 1 and student.d_model - 1 ({self.d_model - 1})")
+        _check(self.input_vocab_size >= 1, "input_vocab_size", self.input_vocab_size, "must be >= 1")
+        _check(self.output_vocab_size >= 2, "output_vocab_size", self.output_vocab_size, "must be >= 2")
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+
+    @property
+    def context(self) -> int:
+        """Longest sequence the student reads: comment + answer."""
+        return self.max_comment_tokens + self.max_answer_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with Gemma's (1 + weight) scale, computed in float32 (as Gemma3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rotary_cos_sin(T: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles for positions 0..T-1, each (T, Dh), float32.
+
+    Computed on the fly (75 x 32 numbers): no buffer to go stale on the `meta` device."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))  # (Dh/2,)
+    angles = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]  # (T, Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, Dh)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate query or key vectors x (B, H, T, Dh) by their positions' angles (rotate-half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, H, T, Dh)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with RoPE on queries and keys."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # no mask: the causal fast path (FlashAttention on GPU); mask: (B, 1, T, T), True = may attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.o_proj(y)  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), as Gemma3MLP."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)  # (B, T, F)
+        return self.down_proj(h)  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask))  # (B, T, D)
+        x = x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# The student
+
+
+class Student(nn.Module):
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        r = cfg.embed_rank
+        self.embed = nn.Embedding(cfg.input_vocab_size, r if r > 0 else cfg.d_model)
+        self.embed_proj = nn.Linear(r, cfg.d_model, bias=False) if r > 0 else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.output_vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std); o_proj and down_proj (which write into the residual stream)
+        scaled by 1/sqrt(2 * n_layers) (GPT-2); norms at zero (scale 1 + 0). The factorised
+        embedding's projection gets std 1/sqrt(R), so embed_proj(embed(x)) has entries of
+        std init_std, the same as a full embedding."""
+        cfg = self.cfg
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.zeros_(p)
+            elif name == "embed_proj.weight":
+                nn.init.normal_(p, std=1.0 / math.sqrt(cfg.embed_rank))
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+            else:
+                nn.init.normal_(p, std=cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V_out) over the output vocabulary at every position.
+
+        input_ids (B, T) teacher token ids, T <= context; positions are 0..T-1.
+        attention_mask (B, T), True at real tokens. With right padding, real positions
+        never attend to padding anyway (attention is causal), so their logits equal the
+        unpadded ones; the mask also hides padding keys for other layouts (RoPE is
+        relative, so left padding gives the same logits too). Each position may always
+        attend to itself, so a row of padding never has all keys masked (no NaN).
+        Logits at padded positions are meaningless; losses mask them out."""
+        B, T = input_ids.shape
+        if T > self.cfg.context:
+            raise ValueError(f"sequence length {T} exceeds the student's context {self.cfg.context}")
+        x = self.embed(input_ids)  # (B, T, R) or (B, T, D)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)  # (B, T, D)
+        x = self.drop(x * math.sqrt(self.cfg.d_model))  # (B, T, D), Gemma's sqrt(D) scale
+        cos, sin = rotary_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)  # (T, Dh) each
+        mask = None
+        if attention_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            self_ = torch.eye(T, dtype=torch.bool, device=x.device)  # (T, T)
+            keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+            mask = causal & (keys | self_)  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)  # (B, T, D)
+        return self.head(self.norm(x))  # (B, T, V_out)
+
+    def param_overview(self) -> dict[str, int]:
+        """Parameter counts by part: embeddings, attention, feed_forward, norms, output_head, total."""
+        overview = dict(embeddings=0, attention=0, feed_forward=0, norms=0, output_head=0)
+        for name, p in self.named_parameters():
+            if name.startswith(("embed.", "embed_proj.")):
+                part = "embeddings"
+            elif ".attn." in name:
+                part = "attention"
+            elif ".mlp." in name:
+                part = "feed_forward"
+            elif name.endswith("norm.weight"):
+                part = "norms"
+            elif name.startswith("head."):
+                part = "output_head"
+            else:
+                raise RuntimeError(f"parameter {name} belongs to no part of param_overview")
+            overview[part] += p.numel()
+        overview["total"] = sum(p.numel() for p in self.parameters())
+        return overview
+
+    @torch.no_grad()
+    def init_embedding_from_teacher(self, teacher_embedding: torch.Tensor, chunk_rows: int = 65536) -> None:
+        """Start the input embedding from the teacher's (V_teacher, D_t) embedding matrix.
+
+        Rows past input_vocab_size are dropped (a teacher may pad its matrix beyond the
+        tokenizer's vocabulary). The teacher's embedding is reduced to its top-k principal
+        directions by a truncated SVD, E ~ U_k S_k V_k^T, computed from the D_t x D_t Gram
+        matrix E^T E (exact for the top k, deterministic, memory O(D_t^2); float32 row
+        chunks on the teacher's device, eigh in float64 on the CPU); E V_k = U_k S_k keeps
+        the best rank-k approximation of every inner product between token embeddings.
+        - R > 0: embed = U_R S_R (V_in, R); embed_proj = sqrt(D / R) * Q with Q a random
+          (D, R) matrix with orthonormal columns. The student's residual basis is its own,
+          so any isometry works; a random one spreads the R directions over all D channels
+          rather than putting them into R of them, and sqrt(D / R) gives embed_proj the
+          same entry scale as its random initialisation (std 1/sqrt(R)).
+        - R = 0, D == D_t: a copy. D > D_t: E times a random (D_t -> D) isometry.
+          D < D_t: the top-D principal components U_D S_D (better than a random
+          projection at keeping the geometry), turned by a random rotation as above.
+        Finally one scalar rescales the table (keeping the relative row norms, which
+        carry e.g. token frequency) so its entries have RMS init_std, the scale of a random
+        initialisation: the rest of the initialisation and the learning rate still fit.
+        The sqrt(D) multiplier in forward applies on top, as always.
+        """
+        cfg = self.cfg
+        V, D_t = teacher_embedding.shape
+        if V < cfg.input_vocab_size:
+            raise ValueError(f"teacher embedding has {V} rows, fewer than student.input_vocab_size={cfg.input_vocab_size}")
+        E = teacher_embedding[: cfg.input_vocab_size].detach()  # (V_in, D_t)
+        r, D = cfg.embed_rank, cfg.d_model
+        if r > D_t:
+            raise ValueError(f"student.embed_rank={r}: larger than the teacher's embedding width {D_t}")
+        if r == 0 and D == D_t:
+            table = E.float()  # (V_in, D)
+        else:
+            k = r if r > 0 else min(D, D_t)
+            gram = torch.zeros(D_t, D_t, dtype=torch.float64)
+            for i in range(0, E.shape[0], chunk_rows):
+                c = E[i:i + chunk_rows].float()  # (chunk, D_t)
+                gram += (c.T @ c).double().cpu()  # (D_t, D_t)
+            _, eigvecs = torch.linalg.eigh(gram)  # ascending eigenvalues = squared singular values
+            V_k = eigvecs[:, -k:].flip(-1).float().to(E.device)  # (D_t, k), top singular vectors first
+            table = torch.cat([E[i:i + chunk_rows].float() @ V_k for i in range(0, E.shape[0], chunk_rows)])  # (V_in, k)
+            Q = nn.init.orthogonal_(torch.empty(D, k)).to(E.device)  # (D, k), orthonormal columns (D >= k)
+            if r > 0:
+                self.embed_proj.weight.copy_(Q * math.sqrt(D / r))  # (D, R)
+            else:
+                table = table @ Q.T  # (V_in, D)
+        table = table * (cfg.init_std / table.pow(2).mean().sqrt().clamp_min(1e-12))
+        self.embed.weight.copy_(table)
+
+
+def build_student(cfg: StudentConfig) -> Student:
+    """The student for this config, randomly initialised (in the default device and dtype)."""
+    return Student(cfg)
+
+
+def format_param_overview(overview: dict[str, int]) -> str:
+    """An aligned table of param_overview(): count, millions, share of the total."""
+    total = overview["total"]
+    width = max(len(name) for name in overview)
+    rows = [(name, n) for name, n in overview.items() if name != "total"] + [("total", total)]
+    lines = []
+    for name, n in rows:
+        if name == "total":
+            lines.append("-" * (width + 34))
+        lines.append(f"{name:<{width}}  {n:>13,}  {n / 1e6:>9.2f}M  {100 * n / max(total, 1):>6.1f}%")
+    return "\n".join(lines)

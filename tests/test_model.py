@@ -1,0 +1,312 @@
+"""The student (distill/model.py): parts against transformers' Gemma 3, causality,
+padding, parameter counts of every preset, teacher-initialised embeddings, training."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Gemma3TextConfig
+from transformers.models.gemma3.modeling_gemma3 import (
+    Gemma3MLP,
+    Gemma3RMSNorm,
+    Gemma3RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from distill.model import (
+    MLP,
+    PRESETS,
+    Attention,
+    RMSNorm,
+    Student,
+    StudentConfig,
+    apply_rotary,
+    build_student,
+    format_param_overview,
+    rotary_cos_sin,
+)
+
+# a small input vocabulary keeps the embedding small where the preset's size is not the point
+SMALL = dict(preset="tiny", input_vocab_size=1000, output_vocab_size=37)
+
+
+def gemma_config(theta: float = 10000.0) -> Gemma3TextConfig:
+    return Gemma3TextConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+        hidden_activation="gelu_pytorch_tanh", layer_types=["full_attention"] * 2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": theta}},
+    )
+
+
+# -----------------------------------------------------------------------------
+# Parts, against Gemma 3 in transformers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_gemma3(dtype):
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(64), Gemma3RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = (3 * torch.randn(2, 5, 64)).to(dtype)
+    y = ours(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, theirs(x), rtol=0, atol=0)
+
+
+def test_rmsnorm_starts_as_plain_rms_normalisation():
+    x = torch.randn(3, 64)
+    y = RMSNorm(64)(x)
+    torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(3), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500.0])
+def test_rotary_matches_gemma3(theta):
+    torch.manual_seed(0)
+    B, H, T, Dh = 2, 4, 11, 16
+    rope = Gemma3RotaryEmbedding(gemma_config(theta))
+    q, k = torch.randn(B, H, T, Dh), torch.randn(B, H, T, Dh)
+    position_ids = torch.arange(T)[None].expand(B, T)
+    cos_ref, sin_ref = rope(q, position_ids, "full_attention")  # (B, T, Dh)
+    cos, sin = rotary_cos_sin(T, Dh, theta)  # (T, Dh)
+    torch.testing.assert_close(cos, cos_ref[0])
+    torch.testing.assert_close(sin, sin_ref[0])
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
+    torch.testing.assert_close(apply_rotary(q, cos, sin), q_ref)
+    torch.testing.assert_close(apply_rotary(k, cos, sin), k_ref)
+
+
+def test_mlp_matches_gemma3():
+    torch.manual_seed(0)
+    cfg = StudentConfig(**SMALL)
+    ours = MLP(cfg)
+    theirs = Gemma3MLP(gemma_config())
+    theirs.load_state_dict(ours.state_dict())  # same names: gate_proj, up_proj, down_proj
+    x = torch.randn(2, 7, 64)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_attention_matches_naive_softmax_attention():
+    torch.manual_seed(0)
+    cfg = StudentConfig(**SMALL)
+    attn = Attention(cfg)
+    B, T, D, H, Dh = 2, 9, cfg.d_model, cfg.n_heads, cfg.head_dim
+    x = torch.randn(B, T, D)
+    cos, sin = rotary_cos_sin(T, Dh, cfg.rope_theta)
+    q = apply_rotary(attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)
+    k = apply_rotary(attn.k_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(B, T, H, Dh).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    ref = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+    torch.testing.assert_close(attn(x, cos, sin, None), ref, rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The whole student
+
+
+def test_forward_shape_and_context_limit():
+    torch.manual_seed(0)
+    model = build_student(StudentConfig())  # the real tiny preset: 262,144 input tokens
+    ids = torch.randint(0, 262144, (3, model.cfg.context))
+    logits = model(ids)
+    assert logits.shape == (3, 75, 525) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 76, dtype=torch.long))
+
+
+def test_forward_runs_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**SMALL))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 1000, (2, 10)), torch.ones(2, 10, dtype=torch.bool))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_causal_later_tokens_do_not_change_earlier_logits():
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**SMALL)).eval()
+    ids = torch.randint(0, 1000, (2, 20))
+    changed = ids.clone()
+    changed[:, 12:] = torch.randint(0, 1000, (2, 8))
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+    # the same with an explicit attention mask (the masked path of attention)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    torch.testing.assert_close(model(ids, mask)[:, :12], model(changed, mask)[:, :12])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_single_examples(side):
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**SMALL)).eval()
+    lengths = [5, 9, 3]
+    seqs = [torch.randint(1, 1000, (n,)) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        where = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, where], mask[i, where] = s, True
+    batched = model(ids, mask)
+    assert torch.isfinite(batched).all()  # padded rows too: no fully masked attention row
+    for i, s in enumerate(seqs):
+        single = model(s[None])[0]  # (n, V_out)
+        # left padding works too because RoPE only sees relative positions
+        torch.testing.assert_close(batched[i][mask[i]], single, rtol=1e-4, atol=1e-5)
+
+
+def test_param_overview_sums_to_the_real_count():
+    model = build_student(StudentConfig(**SMALL))
+    overview = model.param_overview()
+    assert set(overview) == {"embeddings", "attention", "feed_forward", "norms", "output_head", "total"}
+    assert overview["total"] == sum(p.numel() for p in model.parameters())
+    assert sum(n for name, n in overview.items() if name != "total") == overview["total"]
+    d, r, L = 64, 16, 2
+    assert overview["embeddings"] == 1000 * r + r * d
+    assert overview["norms"] == (2 * L + 1) * d
+    assert overview["output_head"] == d * 37
+    table = format_param_overview(overview)
+    assert "total" in table and "M" in table and "100.0%" in table
+
+
+@pytest.mark.parametrize("preset,millions", [("50m", 50), ("200m", 200), ("537m", 537)])
+def test_preset_totals_are_near_their_names(preset, millions):
+    with torch.device("meta"):  # counts without allocating
+        model = Student(StudentConfig(preset=preset))
+    overview = model.param_overview()
+    assert overview["total"] == sum(p.numel() for p in model.parameters())
+    assert abs(overview["total"] - millions * 1e6) <= 0.1 * millions * 1e6, format_param_overview(overview)
+
+
+def test_537m_is_the_original_student():
+    cfg = StudentConfig(preset="537m")
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.embed_rank) == (1024, 16, 16, 0)
+    assert cfg.input_vocab_size * cfg.d_model == 268_435_456 and cfg.context == 75
+
+
+def test_config_preset_fills_only_missing_fields():
+    cfg = StudentConfig(preset="50m", n_layers=3)
+    assert cfg.n_layers == 3 and cfg.d_model == PRESETS["50m"]["d_model"]
+    assert StudentConfig(max_comment_tokens=10, max_answer_tokens=20).context == 30
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(preset="huge"), "student.preset"),
+    (dict(d_model=60, n_heads=8), "student.d_model"),
+    (dict(d_model=60, n_heads=4), "student.n_heads"),  # head dim 15: odd, no RoPE
+    (dict(embed_rank=64), "student.embed_rank"),
+    (dict(embed_rank=-1), "student.embed_rank"),
+    (dict(n_layers=0), "student.n_layers"),
+    (dict(output_vocab_size=1), "student.output_vocab_size"),
+    (dict(dropout=1.0), "student.dropout"),
+    (dict(rope_theta=0.0), "student.rope_theta"),
+])
+def test_config_checks_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.") + "="):
+        StudentConfig(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Input embedding from the teacher's
+
+
+def effective_embedding(model: Student) -> torch.Tensor:
+    """The (V_in, D) vectors the blocks see, before the sqrt(D) scale."""
+    ids = torch.arange(model.cfg.input_vocab_size)
+    x = model.embed(ids)
+    return model.embed_proj(x) if model.embed_proj is not None else x
+
+
+def low_rank_teacher(V: int, D_t: int, rank: int) -> torch.Tensor:
+    return torch.randn(V, rank) @ torch.randn(rank, D_t) / math.sqrt(rank)
+
+
+def assert_same_geometry(student: torch.Tensor, teacher: torch.Tensor):
+    """Same inner products between token vectors, up to one scale factor."""
+    gs, gt = student @ student.T, teacher @ teacher.T
+    scale = gs.trace() / gt.trace()
+    torch.testing.assert_close(gs, gt * scale, rtol=1e-3, atol=1e-3 * gs.abs().max().item())
+
+
+def test_teacher_embedding_low_rank():
+    torch.manual_seed(0)
+    cfg = StudentConfig(**SMALL)  # D 64, R 16
+    model = build_student(cfg)
+    teacher = low_rank_teacher(1200, 40, rank=16)  # more rows than the input vocabulary: extra dropped
+    model.init_embedding_from_teacher(teacher, chunk_rows=256)
+    assert model.embed.weight.shape == (1000, 16)
+    torch.testing.assert_close(model.embed.weight.pow(2).mean().sqrt(), torch.tensor(cfg.init_std))
+    W = model.embed_proj.weight  # (D, R): orthonormal columns times sqrt(D / R)
+    torch.testing.assert_close(W.T @ W, torch.eye(16) * 64 / 16, rtol=1e-4, atol=1e-4)
+    eff = effective_embedding(model)
+    torch.testing.assert_close(eff.pow(2).mean().sqrt(), torch.tensor(cfg.init_std), rtol=1e-4, atol=1e-6)
+    assert_same_geometry(eff, teacher[:1000])  # the teacher has rank R, so nothing is lost
+
+
+def test_teacher_embedding_low_rank_keeps_the_top_directions():
+    """A teacher of higher rank than R: the student keeps its best rank-R approximation (SVD)."""
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**SMALL))
+    teacher = torch.randn(1000, 40)
+    model.init_embedding_from_teacher(teacher)
+    U, S, Vh = torch.linalg.svd(teacher, full_matrices=False)
+    best = U[:, :16] * S[:16]  # (V, R)
+    assert_same_geometry(effective_embedding(model), best)
+
+
+@pytest.mark.parametrize("d_teacher", [64, 40, 96])  # equal to, narrower and wider than D = 64
+def test_teacher_embedding_full(d_teacher):
+    torch.manual_seed(0)
+    cfg = StudentConfig(**{**SMALL, "embed_rank": 0})
+    model = build_student(cfg)
+    teacher = low_rank_teacher(1000, d_teacher, rank=min(d_teacher, 64) - 8)
+    model.init_embedding_from_teacher(teacher)
+    assert model.embed_proj is None and model.embed.weight.shape == (1000, 64)
+    torch.testing.assert_close(model.embed.weight.pow(2).mean().sqrt(), torch.tensor(cfg.init_std))
+    if d_teacher == 64:  # a rescaled copy
+        scale = model.embed.weight.norm() / teacher.norm()
+        torch.testing.assert_close(model.embed.weight, teacher * scale)
+    assert_same_geometry(model.embed.weight, teacher)
+
+
+def test_teacher_embedding_rejects_bad_shapes():
+    model = build_student(StudentConfig(**SMALL))
+    with pytest.raises(ValueError, match="rows"):
+        model.init_embedding_from_teacher(torch.randn(999, 40))
+    with pytest.raises(ValueError, match="embed_rank"):
+        model.init_embedding_from_teacher(torch.randn(1000, 8))  # rank 16 > width 8
+
+
+def test_teacher_embedding_trains_and_predicts():
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**SMALL))
+    model.init_embedding_from_teacher(torch.randn(1000, 48))
+    assert torch.isfinite(model(torch.randint(0, 1000, (2, 8)))).all()
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = build_student(StudentConfig())  # the tiny preset as shipped
+    ids = torch.randint(0, 262144, (4, 30))
+    targets = torch.randint(0, 525, (4, 30))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(525), rel=0.1)  # starts near uniform
+    assert losses[-1] < 0.7 * losses[0], losses
