@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -82,6 +81,11 @@ def automaton_spec(grammar: AnswerGrammar, vocab: OutputVocab) -> dict:
     table = automaton.table.tolist()
     return {"transitions": [{str(v): nxt for v, nxt in enumerate(row) if nxt >= 0} for row in table],
             "final": automaton.final, "max_steps": automaton.max_steps}
+
+
+def corpus_stats_dict(stats: CorpusStats) -> dict:
+    return {"read": stats.read, "kept": stats.kept, "kept_eval": stats.kept_eval, "dropped": dict(stats.dropped),
+            "quarantined": dict(stats.quarantined)}
 
 
 def make_plan(p: Prepared) -> dict:
@@ -227,12 +231,12 @@ def run_extraction(cfg: Config) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         n_actors, resources, threads = actor_resources(cfg)
         ds = ray.data.from_items(shard_items(p, todo), override_num_blocks=len(todo)).map_batches(
-            ShardWriter, batch_size=1, batch_format="pyarrow", concurrency=n_actors,
+            ShardWriter, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
             fn_constructor_kwargs=dict(cfg=cfg, task=p.task.to_dict(), vocab=p.vocab.to_dict(),
                                        prefix=p.prefix, suffix=p.suffix, end_id=p.grammar.end_id,
                                        threads=threads),
-            # A lost actor is restarted and its shard retried; shards are whole files, so nothing doubles.
-            max_restarts=-1, max_task_retries=-1, **resources)
+            # Ray Data restarts a lost actor and retries its shard; shards are whole files, so nothing doubles.
+            **resources)
         todo_rows = sum(min(cfg.records.shard_size, p.corpus.num_rows - k * cfg.records.shard_size) for k in todo)
         t0 = time.perf_counter()
         with tqdm(total=todo_rows, unit="comment", desc="extract", dynamic_ncols=True) as bar:
@@ -249,7 +253,7 @@ def run_extraction(cfg: Config) -> dict:
         raise records.RecordsError(f"{uri}: shards {missing[:5]} missing after extraction; rerun to finish")
     shards = [records.shard_entry(uri, k) for k in range(n_shards)]
     manifest = dict(plan, shards=shards, rows=sum(s["rows"] for s in shards),
-                    corpus_stats=dataclasses.asdict(p.stats),
+                    corpus_stats=corpus_stats_dict(p.stats),
                     config=config_to_dict(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     records.write_json(uri, records.MANIFEST_NAME, manifest)
     rate = wrote / extract_seconds if extract_seconds else 0.0
