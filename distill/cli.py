@@ -2,6 +2,12 @@
 
     distill extract --config FILE [key=value ...]   teacher records from a corpus
     distill inspect RECORDS                         manifest, counts and a few decoded examples
+    distill train --config FILE [key=value ...]     train (or resume) the student on the records
+    distill eval MODEL RECORDS                      evaluate a model artifact on held-out records
+    distill export RUN_DIR OUT                      model artifact from a run's latest checkpoint
+    distill classify MODEL [TEXT ...]               answer comments (arguments, --file, or stdin) as JSON lines
+    distill report RUN_DIR                          HTML report + markdown summary of a run
+    distill model-info [--config FILE] [key=value]  parameter overview of a student
 
 Errors in the input (config, corpus, task, records, storage) print one line and exit 2.
 """
@@ -17,7 +23,10 @@ from distill.records import RecordsError
 from distill.storage import StorageError
 from distill.task import TaskError
 
-USER_ERRORS = (ConfigError, CorpusError, RecordsError, StorageError, TaskError)
+from distill.inference import ArtifactError
+from distill.vocab import VocabError
+
+USER_ERRORS = (ConfigError, CorpusError, RecordsError, StorageError, TaskError, ArtifactError, VocabError)
 
 
 def cmd_extract(args) -> None:
@@ -35,6 +44,109 @@ def cmd_inspect(args) -> None:
     print(describe(args.records, n_examples=args.examples))
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; rerun the same command to resume
+
+
+def cmd_train(args) -> int:
+    from distill.train import finish_run, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    print("[config]\n" + config_to_yaml(cfg), flush=True)
+    outcome = finish_run(cfg, run_training(cfg))
+    if not outcome["complete"]:
+        print(f"[train] stopped at step {outcome['step']} of {outcome['total_steps']} with a checkpoint in "
+              f"{cfg.train.run_dir}; rerun the same command to resume")
+        return EXIT_STOPPED
+    print_outcome(outcome)
+    return 0
+
+
+def print_outcome(outcome: dict) -> None:
+    ev = outcome["eval"]
+    if ev:
+        line = (f"[eval] held-out: student-only exact {ev['student_only_exact']:.3f}, teacher-forced acc "
+                f"{ev['teacher_forced_acc']:.3f}, JSON valid unconstrained {ev['json_valid_unconstrained']:.3f}, "
+                f"held-out KL {ev['held_out_kl']:.4f}")
+        human = ev.get("human") or {}
+        if human.get("n"):
+            line += (f"; vs human {human['field']} labels (n={human['n']}): teacher "
+                     f"{human['teacher_agreement']:.3f}, student {human['student_agreement']:.3f}")
+        print(line)
+    print(f"model:  {outcome['model']}")
+    print(f"report: {outcome['report']}")
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from distill import records
+    from distill.evaluate import evaluate
+    from distill.inference import load_artifact
+    from distill.train import human_labels_for
+
+    student = load_artifact(args.model)
+    table = records.read_records(args.records)
+    rows = [r for r in table.to_pylist() if args.split == "all" or r["split"] == args.split][:args.limit]
+    manifest = records.load_manifest(args.records)
+    if manifest["vocab"]["ids"] != list(student.vocab.ids):
+        raise RecordsError(f"{args.records}: records' output vocabulary differs from the model's")
+    metrics = evaluate(student.model, rows, student.vocab, student.sep_id, student.grammar,
+                       manifest["logits_dtype"], student.model.cfg.max_comment_tokens,
+                       human_labels=human_labels_for(student.task))
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_export(args) -> None:
+    from distill.train import export_checkpoint
+
+    print(f"model: {export_checkpoint(args.run_dir, args.out)}")
+
+
+def cmd_classify(args) -> None:
+    import json
+    import time
+
+    from distill.inference import load_artifact
+
+    student = load_artifact(args.model)
+    if args.texts:
+        texts = args.texts
+    elif args.file:
+        with open(args.file, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f]
+    else:
+        texts = [line.rstrip("\n") for line in sys.stdin]
+    start = time.perf_counter()
+    results = student.classify(texts, constrained=not args.unconstrained, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    for r in results:
+        print(json.dumps(r, ensure_ascii=False))
+    print(f"[classify] {len(texts)} comments in {seconds:.2f}s ({len(texts) / max(seconds, 1e-9):.1f} comments/s)",
+          file=sys.stderr)
+
+
+def cmd_report(args) -> None:
+    from distill.report import write_report
+
+    html, md = write_report(args.run_dir)
+    print(f"report: {html}\nsummary: {md}")
+
+
+def cmd_model_info(args) -> None:
+    from distill.model import build_student, format_param_overview
+
+    cfg = load_config(args.config, args.overrides)
+    import torch
+
+    with torch.device("meta"):  # count parameters without allocating them
+        model = build_student(cfg.student)
+    s = cfg.student
+    print(f"student {s.preset}: d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads, d_ff {s.d_ff}, "
+          f"embedding rank {s.embed_rank or 'full'}, input vocab {s.input_vocab_size:,}, "
+          f"output vocab {s.output_vocab_size}, context {s.context}")
+    print(format_param_overview(model.param_overview()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,17 +160,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("records", help="records directory or s3:// prefix")
     p.add_argument("--examples", type=int, default=3, help="how many decoded examples to show")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train (or resume) the student on teacher records")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.strategy=deepspeed")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model artifact on teacher records")
+    p.add_argument("model", help="model artifact directory or s3:// prefix")
+    p.add_argument("records", help="records directory or s3:// prefix")
+    p.add_argument("--split", default="eval", choices=["eval", "train", "all"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a model artifact from a run's latest checkpoint")
+    p.add_argument("run_dir", help="the run's train.run_dir")
+    p.add_argument("out", help="artifact directory or s3:// prefix")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("classify", help="answer comments with a trained student, as JSON lines")
+    p.add_argument("model", help="model artifact directory or s3:// prefix")
+    p.add_argument("texts", nargs="*", help="comments (default: --file, else one per line on stdin)")
+    p.add_argument("--file", help="a file with one comment per line")
+    p.add_argument("--unconstrained", action="store_true", help="free decoding (answers may be invalid)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("report", help="HTML report and markdown summary of a training run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("model-info", help="parameter overview of the configured student")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", help="e.g. student.preset=537m")
+    p.set_defaults(func=cmd_model_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

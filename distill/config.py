@@ -19,6 +19,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distill.losses import DistillLoss
+from distill.model import PRESET_FIELDS, StudentConfig
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_CORPUS = str(PACKAGE_DIR / "data" / "goemotions" / "dev_group.tsv")
 EMBEDDED_TEACHER = "gemma3-270m-gguf"
@@ -132,18 +135,96 @@ class RecordsConfig:
 
 
 @dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo/train"
+    """The run's home, local or s3://: checkpoints, metrics.jsonl, eval.json, the model, the report.
+    Rerunning with the same run_dir resumes from its latest checkpoint."""
+    epochs: int = 3
+    """Passes over the training split (reshuffled each epoch)."""
+    micro_batch_size: int = 16
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = micro_batch_size * grad_accum * workers."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay as a fraction of lr; never zero (an LR that decays to zero stops learning)."""
+    warmup_steps: int = 10
+    """Linear warm-up, in optimizer steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (on matrices only; norms and embeddings are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPUs that have it, fp32 otherwise) | fp32 | bf16."""
+    strategy: str = "ddp"
+    """ddp (torch DistributedDataParallel; plain on one worker) | deepspeed."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 1, 2 or 3 (strategy=deepspeed only)."""
+    workers: int = 1
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: Optional[bool] = None
+    """Train on GPUs; null = when the Ray cluster has GPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker asks Ray for; fractions let two workers share a 2-core machine."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N optimizer steps (0 = at epoch ends only)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    max_failures: int = 3
+    """Worker/node losses Ray Train recovers from (restarting from the last checkpoint)."""
+    eval_rows: int = 256
+    """Held-out rows evaluated at each epoch end (0 = all)."""
+    init_from_teacher: bool = True
+    """Initialise the student's input embedding from the teacher's (truncated SVD when low-rank)."""
+    seed: int = 0
+    """Seed of the model init and the per-epoch data order."""
+    stop_after_steps: Optional[int] = None
+    """Checkpoint and stop once this many optimizer steps are done (a budgeted session);
+    rerun without it to continue. null = train to the end."""
+
+    def __post_init__(self):
+        for name in ("epochs", "micro_batch_size", "grad_accum", "workers", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(0 < self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
+               "must be in (0, 1]: a learning rate that decays to zero stops learning")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.precision in ("auto", "fp32", "bf16"), "train.precision", self.precision,
+               "must be auto, fp32 or bf16")
+        _check(self.strategy in ("ddp", "deepspeed"), "train.strategy", self.strategy, "must be ddp or deepspeed")
+        _check(self.zero_stage in (1, 2, 3), "train.zero_stage", self.zero_stage, "must be 1, 2 or 3")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0")
+        _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
+        _check(self.eval_rows >= 0, "train.eval_rows", self.eval_rows, "must be >= 0")
+        _check(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps",
+               self.stop_after_steps, "must be >= 1 or null")
+
+
+@dataclass
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: DistillLoss = field(default_factory=DistillLoss)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults <- YAML file <- dotted overrides (`teacher.batch_size=32`)."""
     try:
         merged = OmegaConf.structured(Config)
+        for name in PRESET_FIELDS:  # sizes come from student.preset unless given explicitly
+            merged.student[name] = None
         if path is not None:
             text = Path(path).read_text()
             data = yaml.safe_load(text) or {}
@@ -155,6 +236,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 raise ConfigError(f"override {item!r}: expected key=value, for example teacher.batch_size=32")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a __post_init__ check of a dataclass defined beside its module
+        raise ConfigError(str(e)) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]

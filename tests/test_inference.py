@@ -4,6 +4,7 @@ Gemma 3 tokenizer, answer grammar and output vocabulary."""
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -79,16 +80,23 @@ def same_logits(a, b, gemma_tokenizer):
 # The artifact
 
 
-def test_round_trip_local(tmp_path, task, vocab, grammar, gemma_tokenizer):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, task, vocab, grammar, gemma_tokenizer):
+    """(uri, model): a tiny random student saved once for the local tests."""
     model = random_student(vocab, seed=0)
-    uri = str(tmp_path / "student")
+    uri = str(tmp_path_factory.mktemp("artifact") / "student")
     save_artifact(uri, model, task, vocab, gemma_tokenizer, grammar.end_id, extra={"epoch": 3})
+    return uri, model
 
+
+def test_round_trip_local(saved, task, vocab, grammar, gemma_tokenizer):
+    uri, model = saved
     names = set(os.listdir(uri))
     assert {"model.safetensors", "config.json", "vocab.json", "task.json", "SHA256SUMS", "tokenizer.json"} <= names
-    listed = {line.split("  ")[1] for line in (tmp_path / "student" / "SHA256SUMS").read_text().splitlines()}
-    assert listed == names - {"SHA256SUMS"}
-    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    with open(os.path.join(uri, "SHA256SUMS")) as f:
+        assert {line.split("  ")[1] for line in f.read().splitlines()} == names - {"SHA256SUMS"}
+    with open(os.path.join(uri, "config.json")) as f:
+        config = json.load(f)
     assert config["format_version"] == 1 and config["epoch"] == 3 and config["end_id"] == config["sep_id"] == 1
 
     loaded = load_artifact(uri, device="cpu")
@@ -109,9 +117,9 @@ def test_round_trip_s3_and_download(s3_bucket, tmp_path, task, vocab, grammar, g
     assert same_logits(model, load_artifact(local, device="cpu").model, gemma_tokenizer)
 
 
-def test_refuses_corrupted_incomplete_or_other_format(tmp_path, task, vocab, grammar, gemma_tokenizer):
+def test_refuses_corrupted_incomplete_or_other_format(saved, tmp_path):
     uri = str(tmp_path / "student")
-    save_artifact(uri, random_student(vocab, seed=0), task, vocab, gemma_tokenizer, grammar.end_id)
+    shutil.copytree(saved[0], uri)
 
     def fails(match):
         with pytest.raises(ArtifactError, match=match) as e:
@@ -145,7 +153,7 @@ def test_refuses_corrupted_incomplete_or_other_format(tmp_path, task, vocab, gra
 # Decoding
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_constrained_answers_are_always_valid(seed, task, vocab, grammar, automaton, gemma_tokenizer):
     """Empty, over-long, Japanese and emoji comments: every constrained answer is complete and valid."""
     model = random_student(vocab, seed, sharpness=30.0)
@@ -164,7 +172,7 @@ def test_constrained_answers_are_always_valid(seed, task, vocab, grammar, automa
 def test_random_students_give_different_answers(task, vocab, grammar, automaton, gemma_tokenizer):
     """The masking chooses among real alternatives: the answers are not all one forced path."""
     answers = set()
-    for seed in range(8):
+    for seed in range(6):
         model = random_student(vocab, seed, sharpness=30.0)
         for r in student_model(model, task, vocab, gemma_tokenizer, grammar, automaton).classify(TEXTS):
             answers.add(json.dumps(r["answer"]))
@@ -183,19 +191,21 @@ def test_unconstrained_classify_reports_what_it_decoded(task, vocab, grammar, au
 def test_batched_equals_one_at_a_time(constrained, vocab, grammar, automaton, gemma_tokenizer):
     model = random_student(vocab, seed=5, sharpness=30.0)
     fsm = automaton if constrained else None
-    batched = greedy_decode(model, comments(gemma_tokenizer), grammar.end_id, vocab.ids, 25, 27, fsm)
-    single = [greedy_decode(model, [c], grammar.end_id, vocab.ids, 25, 27, fsm)[0] for c in comments(gemma_tokenizer)]
+    steps = automaton.max_steps if constrained else 12
+    batched = greedy_decode(model, comments(gemma_tokenizer), grammar.end_id, vocab.ids, 25, steps, fsm)
+    single = [greedy_decode(model, [c], grammar.end_id, vocab.ids, 25, steps, fsm)[0]
+              for c in comments(gemma_tokenizer)]
     assert batched == single
     if not constrained:
         end = vocab.index(grammar.end_id)
-        assert all(len(a) == 27 or (a[-1] == end and end not in a[:-1]) for a in batched)
+        assert all(len(a) == steps or (a[-1] == end and end not in a[:-1]) for a in batched)
 
 
 def test_decoding_sees_what_training_sees(vocab, grammar, gemma_tokenizer):
     """Feed a free-running answer back as a record through data.collate: the teacher-forced argmax at
     every answer position is the token the decoder chose, so decoding and training encode alike."""
     model = random_student(vocab, seed=2, sharpness=30.0)
-    decoded = greedy_decode(model, comments(gemma_tokenizer), grammar.end_id, vocab.ids, 25, 30, None)
+    decoded = greedy_decode(model, comments(gemma_tokenizer), grammar.end_id, vocab.ids, 25, 12, None)
     rows = [{"comment_ids": c, "answer_ids": a, "n_steps": len(a), "logits": bytes(2 * len(a) * len(vocab))}
             for c, a in zip(comments(gemma_tokenizer), decoded)]
     batch = collate(rows, vocab.ids, grammar.end_id, 25, "bfloat16")

@@ -1,0 +1,543 @@
+"""The one training loop: teacher records -> a student, on CPU, one GPU, or many.
+
+    distill train --config jobs/configs/gemma3-270m_demo_cpu.yaml [train.strategy=deepspeed train.workers=2]
+
+`run_training` (the driver) checks the records' manifest against the run's task,
+vocabulary and tokenizer, then hands `train_loop_per_worker` to Ray Train's
+`TorchTrainer`. The same loop runs with strategy `ddp` (torch DDP; a plain model on one
+worker) or `deepspeed` (ZeRO stage 1, 2 or 3), with bf16 autocast where the hardware
+has it.
+
+Loss: `distill.losses.DistillLoss`, KL(teacher || student) and CE on the teacher's
+tokens, the KL weight annealed 0.9 -> 0.1 on a cosine over training (Hinton et al.
+2015 for the temperature-scaled KD term). LR: linear warm-up, then cosine decay to a
+floor of `min_lr_ratio * lr` that is never zero (Loshchilov & Hutter 2017, SGDR).
+
+Data: the records come through Ray Data (`read_parquet`, the same files on every
+worker); each worker keeps the table in memory, sorted by id, and takes its slice of
+every global batch from a per-epoch permutation seeded by (seed, epoch). So the order
+is the same on every rerun and a resumed run continues exactly where it stopped.
+
+Checkpoints (every epoch end and every `checkpoint_every` steps): model weights
+(safetensors), optimizer and LR schedule, step (which gives the epoch, the position in
+the epoch and the curriculum position), RNG state, and the metrics so far, reported
+through `ray.train.report`. Rerunning with the same `train.run_dir` resumes from the
+latest one; `FailureConfig` restarts lost workers from it. A STOP file in the run
+directory (written by the driver on SIGTERM) makes every worker checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import torch
+
+from distill import records, storage
+from distill.config import Config, ConfigError, config_to_yaml
+from distill.constrained import AnswerGrammar
+from distill.data import Batch, collate, epoch_order
+from distill.evaluate import GOEMOTIONS_SENTIMENT, evaluate
+from distill.model import Student, build_student, format_param_overview
+from distill.task import Task, load_task
+from distill.teacher import load_tokenizer, resolve_teacher_path, tokenizer_hash
+from distill.vocab import OutputVocab
+
+STOP_FILE = "STOP"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak LR: linear warm-up, cosine decay to `floor` (> 0) at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def human_labels_for(task: Task) -> dict | None:
+    """GoEmotions sentiment groups are the human labels of the embedded corpus."""
+    field = GOEMOTIONS_SENTIMENT["field"]
+    return GOEMOTIONS_SENTIMENT if field in task.fields else None
+
+
+# -----------------------------------------------------------------------------
+# What the driver checks before any worker starts
+
+
+def check_records(manifest: dict, task: Task, vocab_size: int, tok_hash: str, uri: str) -> None:
+    """Refuse records made for another task, vocabulary size or tokenizer (one line each)."""
+    if manifest["task"] != task.to_dict():
+        raise records.RecordsError(f"{uri}: records were made for task {manifest['task']['name']!r} "
+                                   f"with other fields or prompt than this run's task {task.name!r}")
+    if len(manifest["vocab"]["ids"]) != vocab_size:
+        raise records.RecordsError(f"{uri}: records have {len(manifest['vocab']['ids'])} output tokens, "
+                                   f"this run's vocab.size is {vocab_size}")
+    if manifest["tokenizer_hash"] != tok_hash:
+        raise records.RecordsError(f"{uri}: records were made with another tokenizer than teacher "
+                                   f"{manifest['teacher']['model']!r} of this run")
+
+
+def teacher_embedding(cfg: Config) -> torch.Tensor | None:
+    """The teacher's input embedding matrix from its safetensors, or None when not stored locally."""
+    from safetensors import safe_open
+
+    path = Path(resolve_teacher_path(cfg.teacher))
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return f.get_tensor(key).float()
+    return None
+
+
+# -----------------------------------------------------------------------------
+# The loop each Ray Train worker runs
+
+
+class Loop:
+    """State of one worker's training: model, optimizer, schedule, data, metrics."""
+
+    def __init__(self, cfg: Config, manifest: dict, table: pa.Table):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.t = cfg, cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+        self.bf16 = self.t.precision == "bf16" or (
+            self.t.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+        self.vocab = OutputVocab.from_dict(manifest["vocab"])
+        self.sep_id = manifest["decoding"]["end_id"]
+        self.logits_dtype = manifest["logits_dtype"]
+        self.task = Task.from_dict(manifest["task"])
+        self.tokenizer = load_tokenizer(cfg.teacher)
+        self.grammar = AnswerGrammar(self.task, self.tokenizer, self.sep_id)
+
+        table = table.sort_by("id")  # a canonical order, whatever order Ray Data read the shards in
+        split = np.array(table.column("split").to_pylist())
+        self.train_rows = table.take(np.flatnonzero(split == "train"))
+        self.eval_rows = table.take(np.flatnonzero(split == "eval"))
+        if self.train_rows.num_rows == 0:
+            raise ValueError("no training rows in the records (every comment is in the eval split)")
+        self.per_rank = self.t.micro_batch_size * self.t.grad_accum
+        self.global_batch = self.per_rank * self.world
+        self.steps_per_epoch = math.ceil(self.train_rows.num_rows / self.global_batch)
+        self.total_steps = self.steps_per_epoch * self.t.epochs
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.evals: list[dict] = []
+
+        torch.manual_seed(self.t.seed)
+        self.model = build_student(cfg.student)
+        self.restored = self.restore_or_init()
+        self.setup_strategy()
+        self.check_one_batch()
+
+    # -- set-up ---------------------------------------------------------------
+
+    def restore_or_init(self) -> str | None:
+        """Load the latest checkpoint's weights if Ray Train hands us one; else init from the teacher."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            emb = teacher_embedding(self.cfg) if self.t.init_from_teacher else None
+            if emb is not None:
+                self.model.init_embedding_from_teacher(emb)
+            return None
+        self._ckpt_dir = tempfile.mkdtemp(prefix="distill-restore-")
+        checkpoint.to_directory(self._ckpt_dir)
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(os.path.join(self._ckpt_dir, MODEL_FILE)))
+        state = json.loads(Path(self._ckpt_dir, STATE_FILE).read_text())
+        self.step = state["step"]
+        self.metrics = [json.loads(line) for line in Path(self._ckpt_dir, "metrics.jsonl").read_text().splitlines()]
+        self.evals = json.loads(Path(self._ckpt_dir, "evals.json").read_text())
+        return self._ckpt_dir
+
+    def param_groups(self) -> list[dict]:
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        rest = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        return [{"params": decay, "weight_decay": self.t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def setup_strategy(self) -> None:
+        t = self.t
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.min_lr_ratio))
+        if t.strategy == "deepspeed":
+            import deepspeed
+
+            ds_config = {
+                "train_micro_batch_size_per_gpu": t.micro_batch_size,
+                "gradient_accumulation_steps": t.grad_accum,
+                "gradient_clipping": t.grad_clip,
+                "zero_optimization": {"stage": t.zero_stage},
+                "bf16": {"enabled": self.bf16},
+                "steps_per_print": 10**9,
+            }
+            self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
+                model=self.model.to(self.device), optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+            if self.restored:
+                self.engine.load_checkpoint(os.path.join(self.restored, "deepspeed"), tag="ds",
+                                            load_module_strict=True)
+            self.module = self.engine.module
+        else:
+            import ray.train.torch
+
+            self.engine = ray.train.torch.prepare_model(self.model)  # DDP when world > 1; moves to device
+            self.module = self.engine.module if hasattr(self.engine, "module") else self.engine
+            self.optimizer, self.schedule = optimizer, schedule
+            if self.restored:
+                state = torch.load(os.path.join(self.restored, "optimizer.pt"), weights_only=True,
+                                   map_location=self.device)
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.schedule.load_state_dict(state["schedule"])
+        if self.restored:
+            torch.set_rng_state(torch.load(os.path.join(self.restored, "rng.pt"), weights_only=True))
+
+    def check_one_batch(self) -> None:
+        """Fail before the long run: one forward pass on real records checks vocabulary and shapes."""
+        batch = self.batch(np.arange(min(2, self.train_rows.num_rows)), self.train_rows)
+        with torch.no_grad():
+            logits = self.module(batch.input_ids, batch.attention_mask)  # (B, T, V)
+        if logits.shape[-1] != batch.teacher_logits.shape[-1]:
+            raise ValueError(f"student output size {logits.shape[-1]} != records' vocabulary "
+                             f"{batch.teacher_logits.shape[-1]} (set student.output_vocab_size = vocab.size)")
+
+    # -- one step ------------------------------------------------------------
+
+    def batch(self, indices: np.ndarray, rows: pa.Table) -> Batch:
+        return collate(rows.take(indices).to_pylist(), list(self.vocab.ids), self.sep_id,
+                       self.cfg.student.max_comment_tokens, self.logits_dtype).to(self.device)
+
+    def my_indices(self, step: int) -> np.ndarray:
+        """This worker's rows of global batch `step` (wrapping around at the epoch's end)."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        n = self.train_rows.num_rows
+        order = epoch_order(n, epoch, self.t.seed)
+        rows = order[(s * self.global_batch + np.arange(self.global_batch)) % n]
+        return rows[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+
+    def train_step(self) -> dict:
+        t, progress = self.t, self.step / max(1, self.total_steps - 1)
+        start = time.perf_counter()
+        mine = self.my_indices(self.step)
+        sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+        n_tokens = 0
+        for micro in range(t.grad_accum):
+            batch = self.batch(mine[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size], self.train_rows)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and t.strategy == "ddp"):
+                logits = self.engine(batch.input_ids, batch.attention_mask)  # (B, T, V)
+            out = self.cfg.loss(logits.float(), batch.teacher_logits, batch.targets, batch.loss_mask, progress)
+            if t.strategy == "deepspeed":
+                self.engine.backward(out["loss"])
+                self.engine.step()  # DeepSpeed steps optimizer and schedule at the accumulation boundary
+            else:
+                (out["loss"] / t.grad_accum).backward()
+            for k in sums:
+                sums[k] += float(out[k]) / t.grad_accum  # host sync: once per micro-batch, for the metrics
+            n_tokens += batch.n_tokens
+        if t.strategy == "deepspeed":
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.engine.parameters(), t.grad_clip or float("inf")))
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        self.step += 1
+        mem = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
+               else __import__("psutil").Process().memory_info().rss) / 2**20
+        return {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch + 1,
+                **{k: round(v, 6) for k, v in sums.items()},
+                "kl_weight": round(out["kl_weight"], 6), "lr": self.schedule.get_last_lr()[0],
+                "grad_norm": round(grad_norm, 6),
+                "examples_per_s": round(self.global_batch / seconds, 2),
+                "tokens_per_s": round(n_tokens * self.world / seconds, 1), "mem_mb": round(mem, 1)}
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def full_state_dict(self) -> dict:
+        """The student's full weights on every rank (ZeRO-3 gathers the partitions)."""
+        if self.t.strategy == "deepspeed" and self.t.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save_and_report(self, eval_metrics: dict | None) -> None:
+        import ray.train
+        from safetensors.torch import save_file
+
+        weights = self.full_state_dict()
+        with tempfile.TemporaryDirectory(prefix="distill-ckpt-") as tmp:
+            if self.t.strategy == "deepspeed":
+                self.engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ds")  # every rank its shard
+            if self.rank == 0:
+                save_file(weights, os.path.join(tmp, MODEL_FILE))
+                if self.t.strategy == "ddp":
+                    torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()},
+                               os.path.join(tmp, "optimizer.pt"))
+                torch.save(torch.get_rng_state(), os.path.join(tmp, "rng.pt"))
+                Path(tmp, STATE_FILE).write_text(json.dumps({
+                    "step": self.step, "epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps,
+                    "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch}))
+                Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+                Path(tmp, "evals.json").write_text(json.dumps(self.evals))
+                Path(tmp, "config.yaml").write_text(config_to_yaml(self.cfg))
+            last = self.metrics[-1] if self.metrics else {}
+            report = {"step": self.step, "loss": last.get("loss"), "done": self.step >= self.total_steps}
+            if eval_metrics:
+                report.update({k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
+            has_files = self.rank == 0 or self.t.strategy == "deepspeed"
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
+    def evaluate(self) -> dict | None:
+        if self.eval_rows.num_rows == 0:
+            return None
+        n = self.eval_rows.num_rows if self.t.eval_rows == 0 else min(self.t.eval_rows, self.eval_rows.num_rows)
+        self.module.eval()
+        metrics = evaluate(self.module, self.eval_rows.slice(0, n).to_pylist(), self.vocab, self.sep_id,
+                           self.grammar, self.logits_dtype, self.cfg.student.max_comment_tokens,
+                           human_labels=human_labels_for(self.task))
+        self.module.train()
+        return metrics
+
+    # -- the loop -------------------------------------------------------------
+
+    def stop_requested(self) -> bool:
+        """Rank 0 looks for the STOP file (at most every 2 s); every rank gets its answer."""
+        now = time.monotonic()
+        flag = torch.zeros(1)
+        if self.rank == 0 and now - getattr(self, "_last_stop_check", 0.0) > 2.0:
+            self._last_stop_check = now
+            flag[0] = float(storage.exists(storage.join(self.t.run_dir, STOP_FILE)))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = flag.to(self.device)
+            dist.broadcast(flag, 0)  # host sync: one scalar per step, so all ranks stop together
+        return bool(flag.item())
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        if self.rank == 0:
+            print(f"[train] {self.train_rows.num_rows} train / {self.eval_rows.num_rows} eval records; "
+                  f"{self.world} worker(s), {self.t.strategy}"
+                  + (f" ZeRO-{self.t.zero_stage}" if self.t.strategy == "deepspeed" else "")
+                  + f", {'bf16' if self.bf16 else 'fp32'} on {self.device}; global batch {self.global_batch}; "
+                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+                  + (f"; resumed at step {self.step}" if self.restored else ""), flush=True)
+            print(format_param_overview(self.module.param_overview()), flush=True)
+        self.engine.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        while self.step < self.total_steps:
+            m = self.train_step()
+            self.metrics.append(m)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['kl']:.4f}", ce=f"{m['ce']:.4f}",
+                            lr=f"{m['lr']:.2e}", ex_s=f"{m['examples_per_s']:.1f}")
+            epoch_end = self.step % self.steps_per_epoch == 0
+            stop = self.stop_requested() or self.step == self.t.stop_after_steps
+            if epoch_end or stop or (self.t.checkpoint_every and self.step % self.t.checkpoint_every == 0):
+                eval_metrics = self.evaluate() if epoch_end else None
+                if eval_metrics:
+                    self.evals.append({"epoch": self.step // self.steps_per_epoch, "step": self.step, **eval_metrics})
+                    if self.rank == 0:
+                        bar.write(f"[eval] epoch {self.evals[-1]['epoch']}: teacher-forced acc "
+                                  f"{eval_metrics['teacher_forced_acc']:.3f}, student-only exact "
+                                  f"{eval_metrics['student_only_exact']:.3f}, "
+                                  f"held-out KL {eval_metrics['held_out_kl']:.4f}")
+                self.save_and_report(eval_metrics)
+            if stop:
+                if self.rank == 0:
+                    bar.write(f"[train] stop requested: checkpoint saved at step {self.step}")
+                break
+        bar.close()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry on every worker: config = {"cfg": Config, "manifest": dict}."""
+    import ray.train
+
+    cfg: Config = config["cfg"]
+    if cfg.train.strategy == "deepspeed" and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    shard = ray.train.get_dataset_shard("records")
+    table = pa.concat_tables(list(shard.iter_batches(batch_size=4096, batch_format="pyarrow")))
+    Loop(cfg, config["manifest"], table).run()
+
+
+# -----------------------------------------------------------------------------
+# The driver
+
+
+def run_name_and_storage(run_dir: str) -> tuple[str, str]:
+    """Ray Train's (name, storage_path) for a run directory, local or s3://."""
+    if storage.is_remote(run_dir):
+        parent, name = run_dir.rstrip("/").rsplit("/", 1)
+        return name, parent
+    path = Path(run_dir).resolve()
+    return path.name, str(path.parent)
+
+
+def storage_filesystem(uri: str):
+    """A pyarrow filesystem over fsspec's, so Ray sees S3 exactly as the rest of distill does."""
+    if not storage.is_remote(uri):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(storage.filesystem(uri)[0]))
+
+
+def run_training(cfg: Config):
+    """Train (or resume training) the student; returns Ray Train's Result."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    uri = cfg.records.uri
+    manifest = records.load_manifest(uri)
+    task = load_task(cfg.task.name)
+    tokenizer = load_tokenizer(cfg.teacher)
+    check_records(manifest, task, cfg.vocab.size, tokenizer_hash(tokenizer), uri)
+    if cfg.student.output_vocab_size != cfg.vocab.size:
+        raise ConfigError(f"student.output_vocab_size={cfg.student.output_vocab_size}: "
+                          f"must equal vocab.size ({cfg.vocab.size})")
+    if cfg.student.input_vocab_size != len(tokenizer):
+        raise ConfigError(f"student.input_vocab_size={cfg.student.input_vocab_size}: "
+                          f"must equal the teacher tokenizer's size ({len(tokenizer)})")
+    run_dir = cfg.train.run_dir
+    storage.check_writable(run_dir)
+    stop_file = storage.join(run_dir, STOP_FILE)
+    if storage.exists(stop_file):
+        storage.remove(stop_file)
+    storage.write_bytes(storage.join(run_dir, "config.yaml"), config_to_yaml(cfg).encode())
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
+                 **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    shard_uris = [storage.join(uri, s["name"]) for s in manifest["shards"]]
+    dataset = ray.data.read_parquet(shard_uris, filesystem=storage_filesystem(uri))
+    name, storage_path = run_name_and_storage(run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "manifest": {k: manifest[k] for k in
+                                                    ("vocab", "decoding", "logits_dtype", "task")}},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        datasets={"records": dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every worker reads all rows (see docstring)
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+
+    def request_stop(signum, frame):  # SIGTERM (a reclaimed node, `ray job stop`): checkpoint, then return
+        print(f"[train] signal {signum}: asking workers to checkpoint and stop", flush=True)
+        storage.write_bytes(stop_file, b"stop\n")
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def finish_run(cfg: Config, result) -> dict:
+    """After `fit`: metrics and per-epoch evals to the run dir; when training is complete, the model
+    artifact (run_dir/model), a final evaluation on the whole held-out split (eval.json) and the report."""
+    from safetensors.torch import load_file
+
+    from distill.inference import save_artifact
+    from distill.report import write_report
+
+    run_dir = cfg.train.run_dir
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint in {run_dir}: {result.error}")
+    with tempfile.TemporaryDirectory(prefix="distill-final-") as tmp:
+        result.checkpoint.to_directory(tmp)
+        state = json.loads(Path(tmp, STATE_FILE).read_text())
+        storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), Path(tmp, "metrics.jsonl").read_bytes())
+        evals = json.loads(Path(tmp, "evals.json").read_text())
+        weights = load_file(os.path.join(tmp, MODEL_FILE))
+    if state["step"] < state["total_steps"]:
+        return {"complete": False, "step": state["step"], "total_steps": state["total_steps"]}
+
+    manifest = records.load_manifest(cfg.records.uri)
+    model = build_student(cfg.student)
+    model.load_state_dict(weights)
+    task, vocab = Task.from_dict(manifest["task"]), OutputVocab.from_dict(manifest["vocab"])
+    tokenizer = load_tokenizer(cfg.teacher)
+    sep_id = manifest["decoding"]["end_id"]
+    model_uri = storage.join(run_dir, "model")
+    save_artifact(model_uri, model, task, vocab, tokenizer, sep_id,
+                  extra={"teacher": manifest["teacher"], "records": cfg.records.uri, "steps": state["step"]})
+
+    table = records.read_records(cfg.records.uri, manifest)
+    held_out = table.filter(pa.compute.equal(table.column("split"), "eval")).to_pylist()
+    final = evaluate(model, held_out, vocab, sep_id, AnswerGrammar(task, tokenizer, sep_id),
+                     manifest["logits_dtype"], cfg.student.max_comment_tokens,
+                     human_labels=human_labels_for(task)) if held_out else {}
+    storage.write_bytes(storage.join(run_dir, "eval.json"),
+                        json.dumps({**final, "per_epoch": evals}, indent=2).encode())
+    html, md = write_report(run_dir)
+    return {"complete": True, "step": state["step"], "model": model_uri, "eval": final, "report": html,
+            "summary": md}
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    """URI of the newest Ray Train checkpoint directory of a run."""
+    found = sorted(u for u in storage.list_files(run_dir) if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+    if not found:
+        raise records.RecordsError(f"{run_dir}: no checkpoint yet")
+    return found[-1]
+
+
+def export_checkpoint(run_dir: str, out: str) -> str:
+    """A model artifact at `out` from the latest checkpoint of the run at `run_dir`."""
+    from safetensors.torch import load as load_safetensors
+
+    from distill.config import load_config
+    from distill.inference import save_artifact
+
+    ckpt = latest_checkpoint(run_dir)
+    with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as f:
+        f.write(storage.read_bytes(storage.join(ckpt, "config.yaml")))
+        f.flush()
+        cfg = load_config(f.name)
+    manifest = records.load_manifest(cfg.records.uri)
+    model = build_student(cfg.student)
+    model.load_state_dict(load_safetensors(storage.read_bytes(storage.join(ckpt, MODEL_FILE))))
+    save_artifact(out, model, Task.from_dict(manifest["task"]), OutputVocab.from_dict(manifest["vocab"]),
+                  load_tokenizer(cfg.teacher), manifest["decoding"]["end_id"],
+                  extra={"teacher": manifest["teacher"], "records": cfg.records.uri, "checkpoint": ckpt})
+    return out

@@ -1,0 +1,73 @@
+"""The one training loop under Ray Train: DDP and DeepSpeed ZeRO 1-3, golden losses, exact resume, stop."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from distill.config import load_config
+from distill.extract import run_extraction
+from distill.train import finish_run, run_training
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tiny_teacher_dir, tmp_path_factory):
+    uri = str(tmp_path_factory.mktemp("train-records"))
+    run_extraction(load_config(None, [f"teacher.model={tiny_teacher_dir}", f"records.uri={uri}",
+                                      "corpus.limit=40", "records.shard_size=20", "teacher.batch_size=10"]))
+    return uri
+
+
+def train_config(tiny_teacher_dir, records_uri, run_dir, *extra):
+    return load_config(None, [
+        f"teacher.model={tiny_teacher_dir}", f"records.uri={records_uri}", f"train.run_dir={run_dir}",
+        "student.preset=tiny", "train.epochs=2", "train.micro_batch_size=8", "train.warmup_steps=2",
+        "train.lr=3e-3", "train.eval_rows=8", "train.init_from_teacher=false", *extra])
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_one_worker_learns_and_matches_golden_losses(tiny_teacher_dir, tiny_records, tmp_path):
+    cfg = train_config(tiny_teacher_dir, tiny_records, tmp_path / "run", "train.epochs=4")
+    outcome = finish_run(cfg, run_training(cfg))
+    assert outcome["complete"]
+    got = losses(tmp_path / "run")
+    assert got[-1] < got[0]
+    first = json.loads(Path(tmp_path / "run", "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "kl", "ce", "kl_weight", "lr", "grad_norm", "examples_per_s", "tokens_per_s", "mem_mb"):
+        assert key in first
+    assert first["kl_weight"] == pytest.approx(0.9, abs=1e-6)
+    if os.environ.get("DISTILL_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got[:5], indent=1) + "\n")
+    assert got[:5] == pytest.approx(json.loads(GOLDEN.read_text()), rel=1e-4, abs=1e-5)
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert Path(outcome["report"]).exists()
+    eval_json = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert len(eval_json["per_epoch"]) == 4 and 0 <= eval_json["teacher_forced_acc"] <= 1
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_two_cpu_workers(tiny_teacher_dir, tiny_records, tmp_path, stage):
+    cfg = train_config(tiny_teacher_dir, tiny_records, tmp_path / "run", "train.strategy=deepspeed",
+                       f"train.zero_stage={stage}", "train.workers=2", "train.cpus_per_worker=0.5",
+                       "train.micro_batch_size=4", "train.epochs=3")
+    outcome = finish_run(cfg, run_training(cfg))
+    assert outcome["complete"]
+    got = losses(tmp_path / "run")
+    assert sum(got[-3:]) < sum(got[:3])
+
+
+def test_resume_continues_exactly(tiny_teacher_dir, tiny_records, tmp_path):
+    whole = train_config(tiny_teacher_dir, tiny_records, tmp_path / "whole")
+    finish_run(whole, run_training(whole))
+    part = train_config(tiny_teacher_dir, tiny_records, tmp_path / "part", "train.stop_after_steps=3")
+    assert not finish_run(part, run_training(part))["complete"]
+    assert len(losses(tmp_path / "part")) == 3
+    resumed = train_config(tiny_teacher_dir, tiny_records, tmp_path / "part")
+    assert finish_run(resumed, run_training(resumed))["complete"]
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5, abs=1e-6)
