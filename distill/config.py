@@ -110,6 +110,9 @@ class TeacherConfig:
     """GPUs each actor takes when GPUs exist (0.5 packs two actors per GPU)."""
     cache_dir: Optional[str] = None
     """Where the converted embedded teacher is cached; null = ~/.cache/distill."""
+    fast: bool = True
+    """The fast extraction path (cached prompt prefix, forced tokens in one pass, output-vocab LM head);
+    false = the plain reference path. Both write the same records."""
 
     def __post_init__(self):
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "teacher.dtype", self.dtype,

@@ -96,13 +96,16 @@ def greedy_decode(model: Student, comments_ids: list[list[int]], sep_id: int, vo
         automaton = automaton.to(device)
         states = torch.zeros(len(comments_ids), dtype=torch.long, device=device)  # (B,)
     active = list(range(len(comments_ids)))  # rows still decoding
+
+    def inputs(rows: list[int]) -> list[list[int]]:  # comment + SEP + the answer so far, as teacher ids
+        return [prompts[r] + [vocab_ids[i] for i in answers[r]] for r in rows]
+
     for _ in range(max_steps):
         if not active:
             break
         rows = torch.tensor(active, device=device)  # (A,)
         if automaton is None:
-            choice = _last_logits(model, [prompts[r] + [vocab_ids[i] for i in answers[r]] for r in active],
-                                  device).argmax(-1)  # (A,)
+            choice = _last_logits(model, inputs(active), device).argmax(-1)  # (A,)
             done = (choice == end_index).tolist()  # host sync: once per step
         else:
             allowed = automaton.mask(states[rows])  # (A, V)
@@ -110,8 +113,7 @@ def greedy_decode(model: Student, comments_ids: list[list[int]], sep_id: int, vo
             scores = torch.zeros(allowed.shape, device=device)  # (A, V)
             run = [r for r, needed in zip(active, needs_model.tolist()) if needed]  # host sync
             if run:
-                scores[needs_model] = _last_logits(model, [prompts[r] + [vocab_ids[i] for i in answers[r]]
-                                                           for r in run], device)
+                scores[needs_model] = _last_logits(model, inputs(run), device)
             choice = scores.masked_fill(~allowed, float("-inf")).argmax(-1)  # (A,)
             states[rows] = automaton.step(states[rows], choice)
             done = (states[rows] == automaton.final).tolist()  # host sync

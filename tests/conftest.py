@@ -118,7 +118,7 @@ def tiny_teacher_dir(gemma_tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-teacher")
     config = Gemma3TextConfig(
         vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, sliding_window=64,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, sliding_window=512,
         layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=2, eos_token_id=1)
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config)

@@ -37,7 +37,7 @@ def test_logits_equal_an_unbatched_forward_pass(tiny_prepared, tiny_teacher_mode
     teacher = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab)
     comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:7]]
     assert len({len(c) for c in comments}) > 1  # different lengths, so the batch is padded
-    answers = teacher.answer(comments)
+    answers = teacher.answer_plain(comments)
     vocab_ids = torch.tensor(p.vocab.ids)
     for comment, answer in zip(comments, answers):
         assert p.grammar.decode_answer(answer.teacher_ids) is not None
@@ -49,6 +49,17 @@ def test_logits_equal_an_unbatched_forward_pass(tiny_prepared, tiny_teacher_mode
         stored = records.decode_logits(records.encode_logits(answer.logits, "float16"), len(answer.teacher_ids),
                                        len(p.vocab), "float16").float()
         torch.testing.assert_close(stored, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_fast_path_gives_the_plain_paths_answers_and_logits(tiny_prepared, tiny_teacher_model):
+    p = tiny_prepared
+    teacher = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab)
+    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:9]]
+    plain, fast = teacher.answer_plain(comments), teacher.answer_fast(comments)
+    for a, b in zip(plain, fast):
+        assert a.teacher_ids == b.teacher_ids and a.vocab_indices == b.vocab_indices
+        assert a.logits.shape == b.logits.shape
+        torch.testing.assert_close(b.logits, a.logits, atol=2e-3, rtol=2e-3)
 
 
 def test_extraction_writes_every_kept_comment_once(tiny_teacher_dir, tmp_path):
