@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-DEMO_CONFIG ?= jobs/configs/gemma3-270m_demo_cpu.yaml
+DEMO_CONFIG ?= jobs/configs/gemma3-270m_to_tiny_cpu.yaml
 PYTEST_ARGS ?= -m "not gpu"
 
 .PHONY: demo test setup clean
@@ -24,9 +24,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(PY) -m jobs.extract --config $(DEMO_CONFIG)
-	$(VENV)/bin/distill inspect runs/demo/records --examples 3
-	@echo "demo records: runs/demo/records  (manifest: runs/demo/records/manifest.json)"
+	$(PY) -m jobs.pipeline --config $(DEMO_CONFIG)
+	$(VENV)/bin/distill inspect runs/demo/records --examples 2
 
 test: setup
 	OMP_NUM_THREADS=2 $(PY) -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """The one training loop: teacher records -> a student, on CPU, one GPU, or many.
 
-    distill train --config jobs/configs/gemma3-270m_demo_cpu.yaml [train.strategy=deepspeed train.workers=2]
+    distill train --config jobs/configs/gemma3-270m_to_tiny_cpu.yaml [train.strategy=deepspeed train.workers=2]
 
 `run_training` (the driver) checks the records' manifest against the run's task,
 vocabulary and tokenizer, then hands `train_loop_per_worker` to Ray Train's
