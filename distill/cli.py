@@ -8,6 +8,7 @@
     distill classify MODEL [TEXT ...]               answer comments (arguments, --file, or stdin) as JSON lines
     distill report RUN_DIR                          HTML report + markdown summary of a run
     distill model-info [--config FILE] [key=value]  parameter overview of a student
+    distill download SRC DEST / upload SRC DEST     copy an artifact or run, checksums verified, resumable
 
 Errors in the input (config, corpus, task, records, storage) print one line and exit 2.
 """
@@ -24,9 +25,12 @@ from distill.storage import StorageError
 from distill.task import TaskError
 
 from distill.inference import ArtifactError
+from distill.report import ReportError
+from distill.transfer import TransferError, cmd_download, cmd_upload
 from distill.vocab import VocabError
 
-USER_ERRORS = (ConfigError, CorpusError, RecordsError, StorageError, TaskError, ArtifactError, VocabError)
+USER_ERRORS = (ConfigError, CorpusError, RecordsError, StorageError, TaskError, ArtifactError, VocabError,
+               ReportError, TransferError)
 
 
 def cmd_extract(args) -> None:
@@ -189,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML report and markdown summary of a training run")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    for name, func, what in (("download", cmd_download, "s3:// prefix (or dir) -> local dir"),
+                             ("upload", cmd_upload, "local dir -> s3:// prefix (or dir)")):
+        p = sub.add_parser(name, help=f"copy a model artifact or run directory, {what}; verified, resumable")
+        p.add_argument("src")
+        p.add_argument("dest")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("model-info", help="parameter overview of the configured student")
     p.add_argument("--config", help="YAML job config")

@@ -16,15 +16,15 @@ against it. Everything needed to classify travels with the artifact, so the answ
 grammar is rebuilt from task.json and the stored tokenizer, and must give exactly the
 stored vocabulary's required tokens.
 
-Decoding runs the student's full forward pass at every step (the context is at most 75
-tokens, so no KV cache). Its inputs come from `data.student_sequence`, the encoding the
+Decoding runs the student's forward pass over the whole sequence at each step (the
+context is at most 75 tokens, so no KV cache). Its inputs come from `data.student_sequence`, the encoding the
 student was trained on: the prompt `student_sequence(comment, [])` = comment + SEP, then
 the answer so far as teacher ids; training's `student_sequence(comment, answer)` is the
 same prompt + answer[:-1], so step k sees exactly what training position k saw.
 Constrained decoding masks what the answer automaton forbids, and runs the model only
 for rows with a choice to make: most answer tokens are literal JSON (`{"`, `tone`, `":`)
-that the automaton forces, so a reddit_moderation answer of 25-27 tokens takes about 5
-forward passes ("only predict the necessary tokens", the original's wish).
+that the automaton forces, so a reddit_moderation answer of 25-27 tokens takes 4 forward
+passes, one per field ("only predict the necessary tokens", the original's wish).
 """
 
 from __future__ import annotations

@@ -69,9 +69,9 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def human_labels_for(task: Task) -> dict | None:
-    """GoEmotions sentiment groups are the human labels of the embedded corpus."""
-    field = GOEMOTIONS_SENTIMENT["field"]
-    return GOEMOTIONS_SENTIMENT if field in task.fields else None
+    """GoEmotions sentiment groups are the human labels of the embedded corpus, for tasks with that field."""
+    field, values = GOEMOTIONS_SENTIMENT["field"], set(GOEMOTIONS_SENTIMENT["mapping"].values())
+    return GOEMOTIONS_SENTIMENT if values <= set(task.fields.get(field, ())) else None
 
 
 # -----------------------------------------------------------------------------

@@ -201,6 +201,29 @@ def test_batched_equals_one_at_a_time(constrained, vocab, grammar, automaton, ge
         assert all(len(a) == steps or (a[-1] == end and end not in a[:-1]) for a in batched)
 
 
+def naive_constrained_decode(model, comment_ids, sep_id, vocab_ids, automaton):
+    """One comment, the model run at every step (also where the automaton allows one token), no padding."""
+    state, answer = 0, []
+    while state != automaton.final:
+        ids = comment_ids[:25] + [sep_id] + [vocab_ids[i] for i in answer]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, -1]  # (V,)
+        allowed = automaton.allowed(state)
+        answer.append(allowed[int(logits[allowed].argmax())])
+        state = int(automaton.table[state, answer[-1]])
+    return answer
+
+
+def test_skipping_forced_steps_changes_nothing(vocab, grammar, automaton, gemma_tokenizer):
+    """The fast path (no forward pass where only one token is allowed) against the obvious slow one."""
+    for seed in range(3):
+        model = random_student(vocab, seed, sharpness=30.0)
+        fast = greedy_decode(model, comments(gemma_tokenizer), grammar.end_id, vocab.ids, 25,
+                             automaton.max_steps, automaton)
+        assert fast == [naive_constrained_decode(model, c, grammar.end_id, vocab.ids, automaton)
+                        for c in comments(gemma_tokenizer)]
+
+
 def test_decoding_sees_what_training_sees(vocab, grammar, gemma_tokenizer):
     """Feed a free-running answer back as a record through data.collate: the teacher-forced argmax at
     every answer position is the token the decoder chose, so decoding and training encode alike."""
