@@ -110,6 +110,9 @@ class TeacherConfig:
     """GPUs each actor takes when GPUs exist (0.5 packs two actors per GPU)."""
     cache_dir: Optional[str] = None
     """Where the converted embedded teacher is cached; null = ~/.cache/distill."""
+    cpu_threads: Optional[int] = None
+    """torch threads of each teacher actor on a CPU machine; null = the cores divided among the actors.
+    On a busy machine 1 is often faster: idle-waiting OpenMP threads slow small models down badly."""
     fast: bool = True
     """The fast extraction path (cached prompt prefix, forced tokens in one pass, output-vocab LM head);
     false = the plain reference path. Both write the same records."""
@@ -119,6 +122,8 @@ class TeacherConfig:
                "must be auto, float32, bfloat16 or float16")
         _check(self.batch_size >= 1, "teacher.batch_size", self.batch_size, "must be >= 1")
         _check(self.actors is None or self.actors >= 1, "teacher.actors", self.actors, "must be >= 1 or null")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "teacher.cpu_threads", self.cpu_threads,
+               "must be >= 1 or null")
         _check(self.gpus_per_actor > 0, "teacher.gpus_per_actor", self.gpus_per_actor, "must be > 0")
 
 
@@ -174,6 +179,8 @@ class TrainConfig:
     """Train on GPUs; null = when the Ray cluster has GPUs."""
     cpus_per_worker: float = 1.0
     """CPUs each worker asks Ray for; fractions let two workers share a 2-core machine."""
+    cpu_threads: Optional[int] = None
+    """torch threads of each worker when training on CPU; null = the node's cores divided among its workers."""
     checkpoint_every: int = 0
     """Also checkpoint every N optimizer steps (0 = at epoch ends only)."""
     keep_checkpoints: int = 2
@@ -184,8 +191,13 @@ class TrainConfig:
     """Held-out rows evaluated at each epoch end (0 = all)."""
     init_from_teacher: bool = True
     """Initialise the student's input embedding from the teacher's (truncated SVD when low-rank)."""
+    freeze_embedding: bool = False
+    """Keep the input embedding table fixed (train its projection and everything else): with a
+    teacher-initialised table this saves the largest optimizer state and regularises small data."""
     seed: int = 0
     """Seed of the model init and the per-epoch data order."""
+    tensorboard: Optional[str] = None
+    """Also write TensorBoard scalars (tensorboardX) to this local directory; null = no TensorBoard."""
     stop_after_steps: Optional[int] = None
     """Checkpoint and stop once this many optimizer steps are done (a budgeted session);
     rerun without it to continue. null = train to the end."""
@@ -203,6 +215,8 @@ class TrainConfig:
         _check(self.strategy in ("ddp", "deepspeed"), "train.strategy", self.strategy, "must be ddp or deepspeed")
         _check(self.zero_stage in (1, 2, 3), "train.zero_stage", self.zero_stage, "must be 1, 2 or 3")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", self.cpu_threads,
+               "must be >= 1 or null")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
         _check(self.eval_rows >= 0, "train.eval_rows", self.eval_rows, "must be >= 0")

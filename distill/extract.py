@@ -33,6 +33,7 @@ from distill import records, storage
 from distill.config import Config, config_to_dict, config_to_yaml
 from distill.constrained import AnswerGrammar, end_of_answer_id
 from distill.corpus import CorpusStats, read_corpus
+from distill.runtime import init_ray
 from distill.task import Task, load_task, resolve_style
 from distill.teacher import load_teacher, load_tokenizer, teacher_fingerprint, tokenizer_hash
 from distill.vocab import OutputVocab, build_output_vocab
@@ -124,16 +125,18 @@ def pin_plan(uri: str, plan: dict) -> None:
 class ShardWriter:
     """Ray Data callable class: loads the teacher once, then answers and writes whole shards."""
 
-    def __init__(self, cfg: Config, task: dict, vocab: dict, prefix: str, suffix: str, end_id: int, threads: int):
+    def __init__(self, cfg: Config, threads: int):
         import torch
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.cfg = cfg
-        self.task = Task.from_dict(task)
+        plan = records.read_json(cfg.records.uri, records.PLAN_NAME)  # what the driver pinned: task, vocab, prompt
+        self.task = Task.from_dict(plan["task"])
         tokenizer = load_tokenizer(cfg.teacher)
-        grammar = AnswerGrammar(self.task, tokenizer, end_id)
-        self.teacher = load_teacher(cfg.teacher, prefix, suffix, grammar, OutputVocab.from_dict(vocab), tokenizer)
+        grammar = AnswerGrammar(self.task, tokenizer, plan["decoding"]["end_id"])
+        self.teacher = load_teacher(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
+                                    OutputVocab.from_dict(plan["vocab"]), tokenizer)
 
     def __call__(self, batch: pa.Table) -> dict:
         out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}
@@ -200,7 +203,7 @@ def actor_resources(cfg: Config) -> tuple[int, dict, int]:
     n = cfg.teacher.actors or 1
     cpus = os.cpu_count() or 1
     # Fractional CPUs: on a 2-core machine an actor asking for whole cores can starve Ray Data's other stages.
-    return n, {"num_cpus": 0.5}, max(1, cpus // n)
+    return n, {"num_cpus": 0.5}, cfg.teacher.cpu_threads or max(1, cpus // n)
 
 
 def run_extraction(cfg: Config) -> dict:
@@ -225,16 +228,11 @@ def run_extraction(cfg: Config) -> dict:
 
     wrote = 0
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
-                     **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        init_ray()
         n_actors, resources, threads = actor_resources(cfg)
         ds = ray.data.from_items(shard_items(p, todo), override_num_blocks=len(todo)).map_batches(
             ShardWriter, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-            fn_constructor_kwargs=dict(cfg=cfg, task=p.task.to_dict(), vocab=p.vocab.to_dict(),
-                                       prefix=p.prefix, suffix=p.suffix, end_id=p.grammar.end_id,
-                                       threads=threads),
+            fn_constructor_kwargs=dict(cfg=cfg, threads=threads),
             # Ray Data restarts a lost actor and retries its shard; shards are whole files, so nothing doubles.
             **resources)
         todo_rows = sum(min(cfg.records.shard_size, p.corpus.num_rows - k * cfg.records.shard_size) for k in todo)

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,12 +47,21 @@ from distill.config import Config, ConfigError, config_to_yaml
 from distill.constrained import AnswerGrammar
 from distill.data import Batch, collate, epoch_order
 from distill.evaluate import GOEMOTIONS_SENTIMENT, evaluate
-from distill.model import Student, build_student, format_param_overview
+from distill.model import build_student, format_param_overview
+from distill.runtime import init_ray
 from distill.task import Task, load_task
 from distill.teacher import load_tokenizer, resolve_teacher_path, tokenizer_hash
 from distill.vocab import OutputVocab
 
 STOP_FILE = "STOP"
+
+
+def say(message: str) -> None:
+    """Print from a worker: Ray Train routes `print` to its log files, stderr reaches the driver's console."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
 
@@ -120,7 +130,7 @@ class Loop:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+            torch.set_num_threads(self.t.cpu_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
         self.bf16 = self.t.precision == "bf16" or (
             self.t.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
 
@@ -148,6 +158,7 @@ class Loop:
         torch.manual_seed(self.t.seed)
         self.model = build_student(cfg.student)
         self.restored = self.restore_or_init()
+        self.model.embed.weight.requires_grad_(not self.t.freeze_embedding)
         self.setup_strategy()
         self.check_one_batch()
 
@@ -175,8 +186,9 @@ class Loop:
         return self._ckpt_dir
 
     def param_groups(self) -> list[dict]:
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        rest = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
+        rest = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
         return [{"params": decay, "weight_decay": self.t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
     def setup_strategy(self) -> None:
@@ -345,19 +357,28 @@ class Loop:
         from tqdm import tqdm
 
         if self.rank == 0:
-            print(f"[train] {self.train_rows.num_rows} train / {self.eval_rows.num_rows} eval records; "
+            say(f"[train] {self.train_rows.num_rows} train / {self.eval_rows.num_rows} eval records; "
                   f"{self.world} worker(s), {self.t.strategy}"
                   + (f" ZeRO-{self.t.zero_stage}" if self.t.strategy == "deepspeed" else "")
                   + f", {'bf16' if self.bf16 else 'fp32'} on {self.device}; global batch {self.global_batch}; "
                   f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
-                  + (f"; resumed at step {self.step}" if self.restored else ""), flush=True)
-            print(format_param_overview(self.module.param_overview()), flush=True)
+                  + (f"; resumed at step {self.step}" if self.restored else ""))
+            say(format_param_overview(self.module.param_overview()))
         self.engine.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
                    dynamic_ncols=True)
+        board = None
+        if self.t.tensorboard and self.rank == 0:
+            from tensorboardX import SummaryWriter
+
+            board = SummaryWriter(self.t.tensorboard)
         while self.step < self.total_steps:
             m = self.train_step()
             self.metrics.append(m)
+            if board is not None:
+                for key, value in m.items():
+                    if key not in ("step", "epoch"):
+                        board.add_scalar(f"train/{key}", value, m["step"])
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['kl']:.4f}", ce=f"{m['ce']:.4f}",
                             lr=f"{m['lr']:.2e}", ex_s=f"{m['examples_per_s']:.1f}")
@@ -368,16 +389,18 @@ class Loop:
                 if eval_metrics:
                     self.evals.append({"epoch": self.step // self.steps_per_epoch, "step": self.step, **eval_metrics})
                     if self.rank == 0:
-                        bar.write(f"[eval] epoch {self.evals[-1]['epoch']}: teacher-forced acc "
+                        say(f"[eval] epoch {self.evals[-1]['epoch']}: teacher-forced acc "
                                   f"{eval_metrics['teacher_forced_acc']:.3f}, student-only exact "
                                   f"{eval_metrics['student_only_exact']:.3f}, "
                                   f"held-out KL {eval_metrics['held_out_kl']:.4f}")
                 self.save_and_report(eval_metrics)
             if stop:
                 if self.rank == 0:
-                    bar.write(f"[train] stop requested: checkpoint saved at step {self.step}")
+                    say(f"[train] stop requested: checkpoint saved at step {self.step}")
                 break
         bar.close()
+        if board is not None:
+            board.close()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -438,10 +461,7 @@ def run_training(cfg: Config):
         storage.remove(stop_file)
     storage.write_bytes(storage.join(run_dir, "config.yaml"), config_to_yaml(cfg).encode())
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
-                 **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray()
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     shard_uris = [storage.join(uri, s["name"]) for s in manifest["shards"]]
     dataset = ray.data.read_parquet(shard_uris, filesystem=storage_filesystem(uri))

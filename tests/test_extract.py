@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_config(teacher_dir, uri, *extra):
     return load_config(None, [f"teacher.model={teacher_dir}", f"records.uri={uri}", "corpus.limit=24",
-                              "records.shard_size=8", "teacher.batch_size=5", *extra])
+                              "records.shard_size=8", "teacher.batch_size=5", "teacher.cpu_threads=1", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_extraction_writes_every_kept_comment_once(tiny_teacher_dir, tmp_path):
 def test_crash_mid_run_then_rerun_writes_each_comment_exactly_once(tiny_teacher_dir, tmp_path):
     uri = tmp_path / "records"
     args = [sys.executable, "-m", "jobs.extract", f"teacher.model={tiny_teacher_dir}", f"records.uri={uri}",
-            "corpus.limit=40", "records.shard_size=4", "teacher.batch_size=2"]
+            "corpus.limit=40", "records.shard_size=4", "teacher.batch_size=2", "teacher.cpu_threads=1"]
     proc = subprocess.Popen(args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
