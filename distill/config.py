@@ -255,12 +255,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
-    except ValueError as e:  # a __post_init__ check of a dataclass defined beside its module
-        raise ConfigError(str(e)) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    except ValueError as e:  # a __post_init__ check of a dataclass defined beside its module
+        raise ConfigError(str(e)) from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
