@@ -1,7 +1,7 @@
 """Measure on this machine what `distill plan` assumes: extraction, training, classification, storage.
 
     distill bench [--out runs/bench] [--comments 64] [--teacher-batch 16] [--presets tiny,50m]
-                  [--train-steps 3] [--model ARTIFACT] [key=value ...]
+                  [--train-steps 3] [--repeats 3] [--model ARTIFACT] [--threads N] [key=value ...]
 
 Everything is measured in one run on one machine (CUDA if present, else the CPU), with
 the same config as extraction (defaults: the embedded Gemma 3 270M teacher and the
@@ -38,7 +38,10 @@ value matmuls, as the convention does, although causal masking could skip half.
 Peaks: a GPU in plan.GPUS has its datasheet's dense bf16 peak and memory bandwidth. Any
 other device, the CPU included, is measured here: the best of 5 large matmuls (bf16 on a
 GPU, fp32 on a CPU: the precision training runs in) and of 5 copies of 256 MB. On a CPU,
-MFU is therefore against this machine's measured matmul peak, not a datasheet.
+MFU is therefore against this machine's measured matmul peak at the thread count the
+bench runs with, not a datasheet. (`--threads 1` on a shared machine: with two threads
+and another busy process, each parallel region waits for a descheduled thread, and a
+tiny training step took 40x longer than with one.)
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@
     distill report RUN_DIR                          HTML report + markdown summary of a run
     distill model-info [--config FILE] [key=value]  parameter overview of a student
     distill download SRC DEST / upload SRC DEST     copy an artifact or run, checksums verified, resumable
+    distill bench [--out DIR]                       extraction / training / classification speed, side by side
+    distill plan --comments N --gpu h100 --gpus 8   hours, storage and dollars of a job; --example
 
 Errors in the input (config, corpus, task, records, storage) print one line and exit 2.
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distill.bench import add_bench_args
 from distill.config import ConfigError, config_to_yaml, load_config
+from distill.plan import add_plan_args
 from distill.corpus import CorpusError
 from distill.records import RecordsError
 from distill.storage import StorageError
@@ -151,6 +155,18 @@ def cmd_model_info(args) -> None:
     print(format_param_overview(model.param_overview()))
 
 
+def cmd_bench(args) -> None:
+    from distill.bench import cmd_bench as run
+
+    run(args)
+
+
+def cmd_plan(args) -> None:
+    from distill.plan import cmd_plan as run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dest")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("bench", help="measure extraction, training and classification speed side by side")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="what a distillation job will take: hours, storage, dollars, break-even")
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("model-info", help="parameter overview of the configured student")
     p.add_argument("--config", help="YAML job config")

@@ -367,7 +367,7 @@ class PlanRequest:
               f"{weights_gb:.1f} GB of bf16 weights do not fit in one {self.gpu}'s {GPUS[self.gpu].memory_gb:g} GB")
 
 
-def from_bench(path: str, student: str) -> tuple[Efficiencies, float]:
+def from_bench(path: str, student: str, gpu: GPU) -> tuple[Efficiencies, float]:
     """(efficiencies, record bytes per comment) measured by `distill bench`; the MFU is the student
     preset's if the bench trained it, else that of the largest preset it trained."""
     try:
@@ -386,17 +386,19 @@ def from_bench(path: str, student: str) -> tuple[Efficiencies, float]:
     entry = trained.get(student) or max(trained.values(), key=lambda t: t["params"])
     source = (f"measured by {path} on {device}: extraction {extraction:.0%} of the roofline, "
               f"MFU {entry['mfu']:.0%} (preset {entry['preset']})")
+    if gpu_for_cuda_name(device) is not gpu:
+        source += f"; not on the plan's {gpu.name}: efficiencies seldom carry over from one device to another"
     return Efficiencies(extraction, entry["mfu"], source), bytes_per_comment
 
 
 def plan_for(req: PlanRequest) -> Plan:
     """The roofline model's plan for a request."""
+    gpu = GPUS[req.gpu]
     workload = replace(Workload(), teacher_batch=req.teacher_batch, train_batch=req.train_batch)
     eff = Efficiencies()
     if req.bench:
-        eff, bytes_per_comment = from_bench(req.bench, req.student)
+        eff, bytes_per_comment = from_bench(req.bench, req.student, gpu)
         workload = replace(workload, bytes_per_comment=bytes_per_comment)
-    gpu = GPUS[req.gpu]
     rates = model_rates(TEACHERS[req.teacher], StudentConfig(preset=req.student), gpu, workload, eff)
     epochs = None if req.chinchilla else (req.epochs or 15)
     return make_plan(f"{req.gpus} x {gpu.name} (model)", comments=req.comments, teacher=req.teacher,

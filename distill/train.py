@@ -38,11 +38,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 
 from distill import records, storage
+from distill.bench import flops_per_token
 from distill.config import Config, ConfigError, config_to_yaml
 from distill.constrained import AnswerGrammar
 from distill.data import Batch, collate, epoch_order
@@ -76,6 +78,16 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU in the planner's table (None elsewhere: no MFU on CPU)."""
+    if device.type != "cuda":
+        return None
+    from distill.plan import gpu_for_cuda_name
+
+    gpu = gpu_for_cuda_name(torch.cuda.get_device_name(device))
+    return gpu.bf16_tflops * 1e12 if gpu else None
 
 
 def human_labels_for(task: Task) -> dict | None:
@@ -133,6 +145,7 @@ class Loop:
             torch.set_num_threads(self.t.cpu_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
         self.bf16 = self.t.precision == "bf16" or (
             self.t.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.peak_flops = peak_flops(self.device)
 
         self.vocab = OutputVocab.from_dict(manifest["vocab"])
         self.sep_id = manifest["decoding"]["end_id"]
@@ -256,7 +269,7 @@ class Loop:
         start = time.perf_counter()
         mine = self.my_indices(self.step)
         sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
-        n_tokens = 0
+        n_tokens = seq_tokens = 0
         for micro in range(t.grad_accum):
             batch = self.batch(mine[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size], self.train_rows)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and t.strategy == "ddp"):
@@ -270,6 +283,7 @@ class Loop:
             for k in sums:
                 sums[k] += float(out[k]) / t.grad_accum  # host sync: once per micro-batch, for the metrics
             n_tokens += batch.n_tokens
+            seq_len, seq_tokens = batch.input_ids.shape[1], seq_tokens + batch.input_ids.numel()
         if t.strategy == "deepspeed":
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         else:
@@ -280,13 +294,16 @@ class Loop:
         seconds = time.perf_counter() - start
         self.step += 1
         mem = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
-               else __import__("psutil").Process().memory_info().rss) / 2**20
+               else psutil.Process().memory_info().rss) / 2**20
+        # MFU: tokens of every position (not only answer tokens) x FLOPs per token / the device's peak
+        flops = flops_per_token(self.cfg.student, seq_len) * seq_tokens * self.world / seconds
         return {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch + 1,
                 **{k: round(v, 6) for k, v in sums.items()},
                 "kl_weight": round(out["kl_weight"], 6), "lr": self.schedule.get_last_lr()[0],
                 "grad_norm": round(grad_norm, 6),
                 "examples_per_s": round(self.global_batch / seconds, 2),
-                "tokens_per_s": round(n_tokens * self.world / seconds, 1), "mem_mb": round(mem, 1)}
+                "tokens_per_s": round(n_tokens * self.world / seconds, 1), "mem_mb": round(mem, 1),
+                "mfu": round(flops / self.peak_flops, 4) if self.peak_flops else None}
 
     # -- checkpoints ----------------------------------------------------------
 

@@ -89,6 +89,8 @@ def test_a_bench_json_replaces_the_assumed_efficiencies(tmp_path):
     assumed = plan_for(PlanRequest(student="50m"))
     measured = plan_for(PlanRequest(student="50m", bench=str(path)))
     assert str(path) in measured.rates.source and "MFU 10%" in measured.rates.source
+    assert "carry over" not in measured.rates.source  # benched on the plan's GPU
+    assert "carry over" in plan_for(PlanRequest(student="50m", gpu="a100", bench=str(path))).rates.source
     assert measured.rates.teacher_per_s == pytest.approx(assumed.rates.teacher_per_s / 2)  # 20% vs 40%
     assert measured.storage_gb == pytest.approx(500_000 * 10_000 / 1e9)
     other = plan_for(PlanRequest(student="537m", bench=str(path)))  # not benched: the largest preset's MFU
