@@ -437,9 +437,10 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_name_and_storage(run_dir: str) -> tuple[str, str]:
-    """Ray Train's (name, storage_path) for a run directory, local or s3://."""
+    """Ray Train's (name, storage_path) for a run directory, local or s3:// (then a path inside the
+    bucket, as Ray expects beside an explicit `storage_filesystem`)."""
     if storage.is_remote(run_dir):
-        parent, name = run_dir.rstrip("/").rsplit("/", 1)
+        parent, name = run_dir.rstrip("/").split("://", 1)[1].rsplit("/", 1)
         return name, parent
     path = Path(run_dir).resolve()
     return path.name, str(path.parent)
