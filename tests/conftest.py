@@ -134,3 +134,22 @@ def tiny_teacher_model(tiny_teacher_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+
+
+# ---------------------------------------------------------------------------
+# --- the default task and its answer grammar (few-shot style, end of answer = <eos>) ---
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def task():
+    from distill.task import load_task
+
+    return load_task("reddit_moderation")
+
+
+@pytest.fixture(scope="session")
+def grammar(task, gemma_tokenizer):
+    from distill.constrained import AnswerGrammar, end_of_answer_id
+
+    return AnswerGrammar(task, gemma_tokenizer, end_of_answer_id(gemma_tokenizer, "fewshot"))

@@ -7,18 +7,8 @@ import pytest
 import torch
 
 from distill.constrained import AnswerGrammar, answer_segments, end_of_answer_id
-from distill.task import Task, TaskError, load_task
+from distill.task import Task, TaskError
 from distill.vocab import build_output_vocab
-
-
-@pytest.fixture(scope="module")
-def task():
-    return load_task("reddit_moderation")
-
-
-@pytest.fixture(scope="module")
-def grammar(task, gemma_tokenizer):
-    return AnswerGrammar(task, gemma_tokenizer, end_of_answer_id(gemma_tokenizer, "fewshot"))
 
 
 @pytest.fixture(scope="module")

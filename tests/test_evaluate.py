@@ -9,26 +9,14 @@ import pytest
 import torch
 
 from distill import records
-from distill.constrained import AnswerGrammar, end_of_answer_id
 from distill.data import collate
 from distill.evaluate import GOEMOTIONS_SENTIMENT, evaluate, human_label
 from distill.losses import cross_entropy, forward_kl
 from distill.model import StudentConfig, build_student
-from distill.task import load_task
 from distill.vocab import build_output_vocab
 
 DTYPE = "bfloat16"
 MAX_COMMENT = 25
-
-
-@pytest.fixture(scope="module")
-def task():
-    return load_task("reddit_moderation")
-
-
-@pytest.fixture(scope="module")
-def grammar(task, gemma_tokenizer):
-    return AnswerGrammar(task, gemma_tokenizer, end_of_answer_id(gemma_tokenizer, "fewshot"))
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,10 @@ import torch
 
 from distill import records
 from distill.config import load_config
-from distill.constrained import AnswerGrammar, end_of_answer_id
 from distill.extract import prepare, run_extraction
 from distill.records import RecordsError
 from distill.storage import StorageError, check_writable
 from distill.teacher import Teacher
-from distill.vocab import build_output_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 
-from distill.constrained import AnswerGrammar, end_of_answer_id
 from distill.data import collate
 from distill.inference import (
     ArtifactError,
@@ -20,7 +19,6 @@ from distill.inference import (
     save_artifact,
 )
 from distill.model import StudentConfig, build_student
-from distill.task import load_task
 from distill.vocab import build_output_vocab
 
 TEXTS = [
@@ -31,16 +29,6 @@ TEXTS = [
     "Thanks, that was really helpful!",
     "Nobody asked for your opinion, idiot.",
 ]
-
-
-@pytest.fixture(scope="module")
-def task():
-    return load_task("reddit_moderation")
-
-
-@pytest.fixture(scope="module")
-def grammar(task, gemma_tokenizer):
-    return AnswerGrammar(task, gemma_tokenizer, end_of_answer_id(gemma_tokenizer, "fewshot"))
 
 
 @pytest.fixture(scope="module")

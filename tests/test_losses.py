@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distill.losses import DistillLoss, cross_entropy, forward_kl, jsd, kl_weight, reverse_kl
 

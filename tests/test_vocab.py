@@ -4,8 +4,6 @@ import json
 
 import pytest
 
-from distill.constrained import AnswerGrammar, end_of_answer_id
-from distill.task import load_task
 from distill.vocab import VOCAB_FORMAT_VERSION, OutputVocab, VocabError, build_output_vocab
 
 CORPUS = [
@@ -16,16 +14,6 @@ CORPUS = [
     "What a great game last night!",
     "Nobody asked for your opinion.",
 ] * 3 + ["the the the the"]
-
-
-@pytest.fixture(scope="module")
-def task():
-    return load_task("reddit_moderation")
-
-
-@pytest.fixture(scope="module")
-def grammar(task, gemma_tokenizer):
-    return AnswerGrammar(task, gemma_tokenizer, end_of_answer_id(gemma_tokenizer, "fewshot"))
 
 
 @pytest.fixture(scope="module")
