@@ -130,12 +130,12 @@ def _confusion(confusion: dict) -> str | None:
 
 def _agreement(final: dict) -> str | None:
     """Bars: the student's agreement with the teacher per field, then teacher and student against humans."""
-    bars = [(f"{field}\nstudent = teacher", share, "tab:blue")
+    bars = [(f"{field}\nstudent\n= teacher", share, "tab:blue")
             for field, share in final.get("field_agreement", {}).items()]
     human = final.get("human") or {}
     if human.get("n"):
-        bars += [(f"{human['field']}\nteacher = human", human["teacher_agreement"], "tab:green"),
-                 (f"{human['field']}\nstudent = human", human["student_agreement"], "tab:orange")]
+        bars += [(f"{human['field']}\nteacher\n= human", human["teacher_agreement"], "tab:green"),
+                 (f"{human['field']}\nstudent\n= human", human["student_agreement"], "tab:orange")]
     if not bars:
         return None
     fig = Figure(figsize=(max(6, 1.4 * len(bars)), 3.4))
