@@ -130,7 +130,7 @@ class Teacher:
     """A loaded teacher with the task's prompt, grammar and output vocabulary."""
 
     def __init__(self, model, tokenizer, prompt_prefix: str, prompt_suffix: str,
-                 grammar: AnswerGrammar, vocab: OutputVocab):
+                 grammar: AnswerGrammar, vocab: OutputVocab, fast: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.grammar = grammar
@@ -143,7 +143,7 @@ class Teacher:
         self.table = self.automaton.table.to(self.device)  # (S, V) next state or -1
         self.head = model.get_output_embeddings().weight[self.vocab_ids].detach()  # (V, H) output-vocab rows only
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.fast = True
+        self.fast = fast
         self._prefix_cache = None
 
     def encode(self, text: str) -> list[int]:
@@ -300,6 +300,4 @@ def load_teacher(cfg: TeacherConfig, prompt_prefix: str, prompt_suffix: str, gra
     tokenizer = tokenizer or load_tokenizer(cfg)
     print(f"[teacher] {cfg.model} on {device} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
           f"loaded in {time.perf_counter() - start:.1f}s)", flush=True)
-    teacher = Teacher(model, tokenizer, prompt_prefix, prompt_suffix, grammar, vocab)
-    teacher.fast = cfg.fast
-    return teacher
+    return Teacher(model, tokenizer, prompt_prefix, prompt_suffix, grammar, vocab, fast=cfg.fast)

@@ -187,16 +187,16 @@ class Loop:
             if emb is not None:
                 self.model.init_embedding_from_teacher(emb)
             return None
-        self._ckpt_dir = tempfile.mkdtemp(prefix="distill-restore-")
-        checkpoint.to_directory(self._ckpt_dir)
+        ckpt_dir = tempfile.mkdtemp(prefix="distill-restore-")
+        checkpoint.to_directory(ckpt_dir)
         from safetensors.torch import load_file
 
-        self.model.load_state_dict(load_file(os.path.join(self._ckpt_dir, MODEL_FILE)))
-        state = json.loads(Path(self._ckpt_dir, STATE_FILE).read_text())
+        self.model.load_state_dict(load_file(os.path.join(ckpt_dir, MODEL_FILE)))
+        state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
         self.step = state["step"]
-        self.metrics = [json.loads(line) for line in Path(self._ckpt_dir, "metrics.jsonl").read_text().splitlines()]
-        self.evals = json.loads(Path(self._ckpt_dir, "evals.json").read_text())
-        return self._ckpt_dir
+        self.metrics = [json.loads(line) for line in Path(ckpt_dir, "metrics.jsonl").read_text().splitlines()]
+        self.evals = json.loads(Path(ckpt_dir, "evals.json").read_text())
+        return ckpt_dir
 
     def param_groups(self) -> list[dict]:
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
