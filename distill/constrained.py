@@ -37,6 +37,7 @@ masking on any device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -181,6 +182,11 @@ class AnswerAutomaton:
 
     def to(self, device) -> "AnswerAutomaton":
         return AnswerAutomaton(self.table.to(device), self.final, self.max_steps)
+
+    @cached_property
+    def edges(self) -> list[dict[int, int]]:
+        """Per state: {allowed index: next state}, on the host (decoders walk forced tokens with it)."""
+        return [{i: s for i, s in enumerate(row) if s >= 0} for row in self.table.tolist()]
 
     def allowed(self, state: int) -> list[int]:
         return (self.table[state] >= 0).nonzero().flatten().tolist()

@@ -16,15 +16,15 @@ against it. Everything needed to classify travels with the artifact, so the answ
 grammar is rebuilt from task.json and the stored tokenizer, and must give exactly the
 stored vocabulary's required tokens.
 
-Decoding runs the student's forward pass over the whole sequence at each step (the
-context is at most 75 tokens, so no KV cache). Its inputs come from `data.student_sequence`, the encoding the
-student was trained on: the prompt `student_sequence(comment, [])` = comment + SEP, then
+Decoding reads each token once, keeping keys and values in a KVCache. Its inputs come
+from `data.student_sequence`, the encoding the student was trained on: the prompt `student_sequence(comment, [])` = comment + SEP, then
 the answer so far as teacher ids; training's `student_sequence(comment, answer)` is the
 same prompt + answer[:-1], so step k sees exactly what training position k saw.
 Constrained decoding masks what the answer automaton forbids, and runs the model only
 for rows with a choice to make: most answer tokens are literal JSON (`{"`, `tone`, `":`)
 that the automaton forces, so a reddit_moderation answer of 25-27 tokens takes 4 forward
-passes, one per field ("only predict the necessary tokens", the original's wish).
+passes, one per field ("only predict the necessary tokens", the original's wish): the
+first reads the comment, each later one only the tokens since the last choice.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from distill import storage
 from distill.constrained import AnswerAutomaton, AnswerGrammar
 from distill.data import student_sequence
 from distill.extract import encode_comment
-from distill.model import Student, StudentConfig, build_student
+from distill.model import KVCache, Student, StudentConfig, build_student
 from distill.task import Task, TaskError
 from distill.teacher import pick_device, tokenizer_hash
 from distill.vocab import OutputVocab, VocabError
@@ -66,15 +66,15 @@ class ArtifactError(ValueError):
 # Decoding
 
 
-def _last_logits(model: Student, seqs: list[list[int]], device) -> torch.Tensor:
-    """Logits (B, V) at the last real position of each sequence; right padding with an attention mask."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    input_ids = torch.zeros((len(seqs), int(lengths.max())), dtype=torch.long)  # (B, T)
-    for i, s in enumerate(seqs):
-        input_ids[i, :len(s)] = torch.tensor(s)
-    attention = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T)
-    logits = model(input_ids.to(device), attention.to(device))  # (B, T, V)
-    return logits[torch.arange(len(seqs), device=device), lengths.to(device) - 1].float()  # (B, V)
+def _read_next(model: Student, cache: KVCache, chunks: list[list[int]], device) -> torch.Tensor:
+    """Feed each row its next tokens (left-padded, so every row's last token is last); (B, V) logits after it."""
+    width = max(len(c) for c in chunks)
+    input_ids = torch.zeros((len(chunks), width), dtype=torch.long)  # (B, W)
+    real = torch.zeros((len(chunks), width), dtype=torch.bool)  # (B, W)
+    for i, c in enumerate(chunks):
+        input_ids[i, width - len(c):] = torch.tensor(c)
+        real[i, width - len(c):] = True
+    return model(input_ids.to(device), real.to(device), cache=cache)[:, -1].float()  # (B, V)
 
 
 @torch.no_grad()
@@ -87,40 +87,48 @@ def greedy_decode(model: Student, comments_ids: list[list[int]], sep_id: int, vo
     automaton.max_steps every answer is complete and valid. Unconstrained (None): argmax
     over the whole output vocabulary; a row stops after the end index (that of sep_id)
     or after max_steps. Each returned answer ends with the end index if it was reached.
-    Comments longer than max_comment_tokens are cut, as in training."""
+    Comments longer than max_comment_tokens are cut, as in training.
+
+    The model reads each token once (KVCache). Between model calls, every row takes the
+    tokens the automaton forces, which join its next call's input; so each call is one
+    choice point for every row still decoding (4 for a reddit_moderation answer)."""
     device = next(model.parameters()).device
-    prompts = [student_sequence(c, [], sep_id, max_comment_tokens) for c in comments_ids]
     answers: list[list[int]] = [[] for _ in comments_ids]
+    unread = [student_sequence(c, [], sep_id, max_comment_tokens) for c in comments_ids]  # ids not yet read
+    states = [0] * len(comments_ids)
     end_index = list(vocab_ids).index(sep_id)
-    if automaton is not None:
-        automaton = automaton.to(device)
-        states = torch.zeros(len(comments_ids), dtype=torch.long, device=device)  # (B,)
-    active = list(range(len(comments_ids)))  # rows still decoding
+    edges = automaton.edges if automaton is not None else None
 
-    def inputs(rows: list[int]) -> list[list[int]]:  # comment + SEP + the answer so far, as teacher ids
-        return [prompts[r] + [vocab_ids[i] for i in answers[r]] for r in rows]
+    def take(r: int, index: int) -> None:
+        answers[r].append(index)
+        unread[r].append(vocab_ids[index])
+        if edges is not None:
+            states[r] = edges[states[r]][index]
 
-    for _ in range(max_steps):
-        if not active:
-            break
-        rows = torch.tensor(active, device=device)  # (A,)
-        if automaton is None:
-            choice = _last_logits(model, inputs(active), device).argmax(-1)  # (A,)
-            done = (choice == end_index).tolist()  # host sync: once per step
-        else:
-            allowed = automaton.mask(states[rows])  # (A, V)
-            needs_model = allowed.sum(-1) > 1  # (A,) rows with a choice; the others have one allowed index
-            scores = torch.zeros(allowed.shape, device=device)  # (A, V)
-            run = [r for r, needed in zip(active, needs_model.tolist()) if needed]  # host sync
-            if run:
-                scores[needs_model] = _last_logits(model, inputs(run), device)
-            choice = scores.masked_fill(~allowed, float("-inf")).argmax(-1)  # (A,)
-            states[rows] = automaton.step(states[rows], choice)
-            done = (states[rows] == automaton.final).tolist()  # host sync
-        for r, c in zip(active, choice.tolist()):
-            answers[r].append(c)
-        active = [r for r, finished in zip(active, done) if not finished]
-    return answers
+    def finished(r: int) -> bool:
+        if len(answers[r]) >= max_steps:
+            return True
+        return states[r] == automaton.final if edges is not None else bool(answers[r]) and answers[r][-1] == end_index
+
+    cache = KVCache(model.cfg.n_layers)
+    active = list(range(len(comments_ids)))  # rows still decoding: the cache's rows, in this order
+    while True:
+        for r in active if edges is not None else ():
+            while not finished(r) and len(edges[states[r]]) == 1:  # forced: no choice, no model call
+                take(r, next(iter(edges[states[r]])))
+        keep = [i for i, r in enumerate(active) if not finished(r)]
+        if not keep:
+            return answers
+        if len(keep) < len(active):
+            active = [active[i] for i in keep]
+            cache.keep(torch.tensor(keep, device=device))
+        logits = _read_next(model, cache, [unread[r] for r in active], device)  # (A, V)
+        if edges is not None:
+            allowed = automaton.mask(torch.tensor([states[r] for r in active], device=device))  # (A, V)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        for r, index in zip(active, logits.argmax(-1).tolist()):  # host sync: once per choice point
+            unread[r] = []
+            take(r, index)
 
 
 # -----------------------------------------------------------------------------

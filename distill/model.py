@@ -153,13 +153,14 @@ class RMSNorm(nn.Module):
         return (y * (1.0 + self.weight.float())).type_as(x)
 
 
-def rotary_cos_sin(T: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles for positions 0..T-1, each (T, Dh), float32.
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles at integer `positions` (any shape P), each (*P, Dh), float32.
 
     Computed on the fly (75 x 32 numbers): no buffer to go stale on the `meta` device."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))  # (Dh/2,)
-    angles = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]  # (T, Dh/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, Dh)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (Dh/2,)
+    angles = positions.float()[..., None] * inv_freq  # (*P, Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (*P, Dh)
     return angles.cos(), angles.sin()
 
 
@@ -181,13 +182,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional["KVCache"] = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # no mask: the causal fast path (FlashAttention on GPU); mask: (B, 1, T, T), True = may attend
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # (B, H, S + T, Dh): the tokens read before, then these
+        # no mask: the causal fast path (FlashAttention on GPU); mask: (B, 1, T, S + T), True = may attend
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
@@ -219,14 +223,44 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask))  # (B, T, D)
+    def forward(self, x, cos, sin, mask, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))  # (B, T, D)
         x = x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
         return x
 
 
 # -----------------------------------------------------------------------------
 # The student
+
+
+class KVCache:
+    """Keys and values of every token a student has read, per layer: incremental decoding.
+
+    Each forward pass with the cache reads only the new tokens of each row and attends to
+    the cached ones. Rows may have padding anywhere (a left-padded prompt, then chunks of
+    different lengths): `real` marks the real tokens, and `n_real` counts them, so every
+    real token gets the position it would have had without padding and the logits are
+    those of one forward pass over the unpadded sequence."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[Optional[torch.Tensor]] = [None] * n_layers  # per layer (B, H, S, Dh)
+        self.v: list[Optional[torch.Tensor]] = [None] * n_layers  # per layer (B, H, S, Dh)
+        self.real: Optional[torch.Tensor] = None  # (B, S) bool, real tokens among the S cached slots
+        self.n_real: Optional[torch.Tensor] = None  # (B,) long, real tokens read so far
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one layer's new keys and values (B, H, T, Dh); return all of them (B, H, S + T, Dh)."""
+        if self.k[layer] is not None:
+            k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row but `rows` (B',) (finished sequences leave the batch)."""
+        self.k = [k[rows] if k is not None else None for k in self.k]
+        self.v = [v[rows] if v is not None else None for v in self.v]
+        if self.real is not None:
+            self.real, self.n_real = self.real[rows], self.n_real[rows]
 
 
 class Student(nn.Module):
@@ -259,7 +293,8 @@ class Student(nn.Module):
             else:
                 nn.init.normal_(p, std=cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         """Logits (B, T, V_out) over the output vocabulary at every position.
 
         input_ids (B, T) teacher token ids, T <= context; positions are 0..T-1.
@@ -268,24 +303,52 @@ class Student(nn.Module):
         unpadded ones; the mask also hides padding keys for other layouts (RoPE is
         relative, so left padding gives the same logits too). Each position may always
         attend to itself, so a row of padding never has all keys masked (no NaN).
-        Logits at padded positions are meaningless; losses mask them out."""
+        Logits at padded positions are meaningless; losses mask them out.
+
+        With a KVCache (decoding), input_ids are the tokens that follow those already
+        cached, attention_mask is required, and the cache grows by these tokens."""
         B, T = input_ids.shape
-        if T > self.cfg.context:
-            raise ValueError(f"sequence length {T} exceeds the student's context {self.cfg.context}")
         x = self.embed(input_ids)  # (B, T, R) or (B, T, D)
         if self.embed_proj is not None:
             x = self.embed_proj(x)  # (B, T, D)
         x = self.drop(x * math.sqrt(self.cfg.d_model))  # (B, T, D), Gemma's sqrt(D) scale
-        cos, sin = rotary_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)  # (T, Dh) each
-        mask = None
-        if attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
-            self_ = torch.eye(T, dtype=torch.bool, device=x.device)  # (T, T)
-            keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
-            mask = causal & (keys | self_)  # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)  # (B, T, D)
+        if cache is None:
+            if T > self.cfg.context:
+                raise ValueError(f"sequence length {T} exceeds the student's context {self.cfg.context}")
+            cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), self.cfg.head_dim,
+                                      self.cfg.rope_theta)  # (T, Dh) each
+            mask = None
+            if attention_mask is not None:
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+                self_ = torch.eye(T, dtype=torch.bool, device=x.device)  # (T, T)
+                keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+                mask = causal & (keys | self_)  # (B, 1, T, T)
+        else:
+            cos, sin, mask = self._read_into(cache, attention_mask.to(device=x.device, dtype=torch.bool))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)  # (B, T, D)
         return self.head(self.norm(x))  # (B, T, V_out)
+
+    def _read_into(self, cache: KVCache, real: torch.Tensor):
+        """Rotary angles (B, 1, T, Dh) and attention mask (B, 1, T, S + T) of T new tokens read
+        after the cache's S slots; records them in the cache as read."""
+        B, T = real.shape
+        if cache.real is None:
+            cache.real = torch.zeros(B, 0, dtype=torch.bool, device=real.device)
+            cache.n_real = torch.zeros(B, dtype=torch.long, device=real.device)
+        S = cache.real.shape[1]
+        positions = cache.n_real[:, None] + real.long().cumsum(1) - 1  # (B, T), padding repeats a position
+        if int(positions.max()) >= self.cfg.context:  # host sync: once per call
+            raise ValueError(f"sequence length {int(positions.max()) + 1} exceeds the student's context "
+                             f"{self.cfg.context}")
+        cos, sin = rotary_cos_sin(positions.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, Dh)
+        keys = torch.cat((cache.real, real), dim=1)  # (B, S + T)
+        causal = torch.ones(T, S + T, dtype=torch.bool, device=real.device).tril(diagonal=S)  # (T, S + T)
+        self_ = torch.zeros(T, S + T, dtype=torch.bool, device=real.device)
+        self_[:, S:] = torch.eye(T, dtype=torch.bool, device=real.device)  # (T, S + T)
+        mask = causal & (keys[:, None, None, :] | self_)  # (B, 1, T, S + T)
+        cache.real, cache.n_real = keys, cache.n_real + real.sum(1)
+        return cos[:, None], sin[:, None], mask
 
     def param_overview(self) -> dict[str, int]:
         """Parameter counts by part: embeddings, attention, feed_forward, norms, output_head, total."""

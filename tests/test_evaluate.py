@@ -3,6 +3,7 @@ student that learns to copy the teacher, on records made from the real grammar a
 
 import io
 import json
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,12 +54,24 @@ class FixedAnswer(torch.nn.Module):
     """A 'student' that always writes one answer: at answer step k it puts logit 10 on target[k]
     (0 everywhere past the answer, so the argmax there is index 0)."""
 
+    cfg = SimpleNamespace(n_layers=1)  # what greedy_decode sizes its KVCache with
+
     def __init__(self, target: list[int], sep_id: int, vocab_size: int):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # where evaluate finds the device
         self.target, self.sep_id, self.vocab_size = target, sep_id, vocab_size
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        if cache is None:
+            return self.logits(input_ids)
+        # decoding: the cache keeps every id read so far (its "keys"); only the last position is used
+        ids, real = cache.extend(0, input_ids[:, None, :, None], attention_mask[:, None, :, None])
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)  # (B, T, V)
+        for b in range(len(ids)):
+            logits[b, -1] = self.logits(ids[b, 0, :, 0][real[b, 0, :, 0]][None])[0, -1]
+        return logits
+
+    def logits(self, input_ids):
         B, T = input_ids.shape
         logits = torch.zeros(B, T, self.vocab_size)  # (B, T, V)
         for b in range(B):

@@ -18,6 +18,7 @@ from distill.model import (
     MLP,
     PRESETS,
     Attention,
+    KVCache,
     RMSNorm,
     Student,
     StudentConfig,
@@ -71,7 +72,7 @@ def test_rotary_matches_gemma3(theta):
     q, k = torch.randn(B, H, T, Dh), torch.randn(B, H, T, Dh)
     position_ids = torch.arange(T)[None].expand(B, T)
     cos_ref, sin_ref = rope(q, position_ids, "full_attention")  # (B, T, Dh)
-    cos, sin = rotary_cos_sin(T, Dh, theta)  # (T, Dh)
+    cos, sin = rotary_cos_sin(torch.arange(T), Dh, theta)  # (T, Dh)
     torch.testing.assert_close(cos, cos_ref[0])
     torch.testing.assert_close(sin, sin_ref[0])
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
@@ -95,7 +96,7 @@ def test_attention_matches_naive_softmax_attention():
     attn = Attention(cfg)
     B, T, D, H, Dh = 2, 9, cfg.d_model, cfg.n_heads, cfg.head_dim
     x = torch.randn(B, T, D)
-    cos, sin = rotary_cos_sin(T, Dh, cfg.rope_theta)
+    cos, sin = rotary_cos_sin(torch.arange(T), Dh, cfg.rope_theta)
     q = apply_rotary(attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)
     k = apply_rotary(attn.k_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)
     v = attn.v_proj(x).view(B, T, H, Dh).transpose(1, 2)
@@ -161,6 +162,36 @@ def test_padded_batch_equals_single_examples(side):
         # left padding works too because RoPE only sees relative positions
         torch.testing.assert_close(batched[i][mask[i]], single, rtol=1e-4, atol=1e-5)
 
+
+
+def test_kv_cache_reads_in_padded_chunks_give_the_full_forward_logits():
+    """Rows read their tokens in chunks of different lengths, left-padded, with rows dropped
+    on the way (KVCache.keep): every real token's logits equal one unpadded forward pass."""
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**SMALL, n_layers=3)).eval()
+    seqs = [torch.randint(1, 1000, (n,)) for n in (11, 17, 6, 14)]
+    cuts = [[4, 7, 8, 11], [9, 10, 16, 17], [1, 6], [2, 3, 9, 14]]  # chunk ends per row
+    full = [model(s[None])[0] for s in seqs]  # (n, V_out) each
+    cache, rows, got = KVCache(3), [0, 1, 2, 3], [[] for _ in seqs]
+    for k in range(4):
+        if k == 2:  # row 2 is done: it leaves the cache
+            cache.keep(torch.tensor([0, 1, 3]))
+            rows = [0, 1, 3]
+        chunks = [seqs[r][(cuts[r][k - 1] if k else 0):cuts[r][k]] for r in rows]
+        W = max(len(c) for c in chunks)
+        ids = torch.zeros(len(rows), W, dtype=torch.long)
+        real = torch.zeros(len(rows), W, dtype=torch.bool)
+        for i, c in enumerate(chunks):
+            ids[i, W - len(c):], real[i, W - len(c):] = c, True
+        with torch.no_grad():
+            logits = model(ids, real, cache=cache)  # (B, W, V_out)
+        assert torch.isfinite(logits).all()
+        for i, r in enumerate(rows):
+            got[r].append(logits[i][real[i]])
+    for r, s in enumerate(seqs):
+        torch.testing.assert_close(torch.cat(got[r]), full[r], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds the student's context 75"):
+        model(torch.ones(3, 60, dtype=torch.long), torch.ones(3, 60, dtype=torch.bool), cache=cache)
 
 def test_param_overview_sums_to_the_real_count():
     model = build_student(StudentConfig(**SMALL))
