@@ -364,7 +364,8 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
 def si(x: float, unit: str = "") -> str:
     """1.23e11 -> '123 G' + unit."""
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
+        if abs(x) >= factor * 0.9995:  # 999.9e6 -> '1 G', not '1e+03 M'
+
             return f"{x / factor:.3g} {prefix}{unit}"
     return f"{x:.3g} {unit}".rstrip()
 

@@ -135,8 +135,11 @@ class ShardWriter:
         self.task = Task.from_dict(plan["task"])
         tokenizer = load_tokenizer(cfg.teacher)
         grammar = AnswerGrammar(self.task, tokenizer, plan["decoding"]["end_id"])
-        self.teacher = load_teacher(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
-                                    OutputVocab.from_dict(plan["vocab"]), tokenizer)
+        load = load_teacher
+        if cfg.teacher.engine == "vllm":  # imports vLLM only here
+            from distill.vllm_engine import load_vllm_teacher as load
+        self.teacher = load(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
+                            OutputVocab.from_dict(plan["vocab"]), tokenizer)
 
     def __call__(self, batch: pa.Table) -> dict:
         out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}
