@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from distill import records
@@ -29,6 +31,13 @@ def student_sequence(comment_ids: list[int], answer_teacher_ids: list[int], sep_
                                                                      else [])
 
 
+def sequence_lengths(table: pa.Table, max_comment_tokens: int) -> np.ndarray:
+    """len(student_sequence(...)) of every record row, vectorised: min(comment, max) + 1 + max(steps - 1, 0)."""
+    comment = pc.list_value_length(table.column("comment_ids")).to_numpy()
+    steps = pc.list_value_length(table.column("answer_ids")).to_numpy()
+    return np.minimum(comment, max_comment_tokens) + np.maximum(steps, 1)
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T) teacher ids, right-padded with 0
@@ -37,9 +46,15 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) bool, positions that predict an answer token
     teacher_logits: torch.Tensor  # (B, T, V) raw teacher logits at answer positions, 0 elsewhere
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.targets, self.loss_mask, self.teacher_logits
+
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.input_ids, self.attention_mask, self.targets, self.loss_mask, self.teacher_logits)))
+        return Batch(*(t.to(device, non_blocking=True) for t in self.tensors()))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that `to(cuda)` is an asynchronous copy."""
+        return Batch(*(t.pin_memory() for t in self.tensors()))
 
     @property
     def n_tokens(self) -> int:
@@ -79,3 +94,33 @@ def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     """The shuffled row order of an epoch: the same on every worker and on every rerun."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).numpy()
+
+
+def bucketed_order(lengths: np.ndarray, epoch: int, seed: int, batch_size: int, buckets: int) -> np.ndarray:
+    """`epoch_order` with rows of similar length batched together, so batches carry less padding.
+
+    The epoch's shuffled order is cut into windows of `buckets` batches of `batch_size` rows
+    (the global batch); each window is sorted by length, and the whole batches (positions
+    k * batch_size) are then shuffled, with the longest first (a micro-batch too big for
+    memory fails at step 1, not hours in) and the partial last batch, if any, kept last.
+    Every row comes exactly once; the result depends only on (lengths, epoch, seed,
+    batch_size, buckets), so it is the same on every worker and every rerun. buckets 0 or 1:
+    the plain `epoch_order`.
+    """
+    n = len(lengths)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).numpy()  # = epoch_order(n, epoch, seed); g goes on below
+    if buckets <= 1:
+        return order
+    window = batch_size * buckets
+    for start in range(0, n, window):
+        rows = order[start:start + window]
+        order[start:start + window] = rows[np.argsort(lengths[rows], kind="stable")]  # ties: shuffled order
+    full = n // batch_size * batch_size
+    batches = order[:full].reshape(-1, batch_size)  # (n_batches, batch_size)
+    if len(batches) == 0:
+        return order
+    batches = batches[torch.randperm(len(batches), generator=g).numpy()]
+    longest = int(np.argmax(lengths[batches].max(axis=1)))
+    batches[[0, longest]] = batches[[longest, 0]]
+    return np.concatenate([batches.ravel(), order[full:]])
