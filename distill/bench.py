@@ -17,9 +17,9 @@ and each figure is the median of the repeats.
    measured time: the number `distill plan --bench` uses.
 2. Training: a few AdamW steps per student preset, after warm-up steps, on a synthetic
    batch shaped like collate's (25 comment tokens + SEP + answer, the teacher's logits over
-   the output vocabulary): the step of train.Loop.train_step (bf16 autocast where the
-   trainer would use it, DistillLoss, gradient clipping, AdamW) without Ray and the data
-   pipeline. MFU = flops_per_token * positions / step time / peak.
+   the output vocabulary): the step of train.Loop.train_step (bf16 autocast and
+   torch.compile where the trainer would use them, DistillLoss, gradient clipping,
+   AdamW) without Ray and the data pipeline. MFU = flops_per_token * positions / step time / peak.
 3. Classification: `StudentModel.classify` (the `tiny` preset with random weights, or
    `--model`) vs the teacher's fast path on the same comments and batch size, both
    constrained; the teacher's figure is the fast extraction run (the same decoding; it
@@ -267,6 +267,9 @@ def bench_training(cfg: StudentConfig, loss: DistillLoss, train: TrainConfig, an
                                   weight_decay=train.weight_decay, fused=device.type == "cuda")
     batch = synthetic_batch(cfg, train.micro_batch_size, answer_tokens, device)
     B, T = batch.input_ids.shape
+    compiled = train.compile == "true" or (train.compile == "auto" and device.type == "cuda")
+    if compiled:  # as train.Loop.compile_forward; the warm-up steps pay for the compilation
+        model.compile(dynamic=True)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -282,7 +285,8 @@ def bench_training(cfg: StudentConfig, loss: DistillLoss, train: TrainConfig, an
     fpt = flops_per_token(cfg, T)
     return {"preset": cfg.preset, "params": sum(p.numel() for p in model.parameters()),
             "non_embedding_params": non_embedding_params(cfg), "batch_size": B, "positions": T,
-            "answer_tokens": answer_tokens, "precision": "bf16" if bf16 else "fp32", "warmup_steps": warmup_steps,
+            "answer_tokens": answer_tokens, "warmup_steps": warmup_steps,
+            "precision": ("bf16" if bf16 else "fp32") + (", compiled" if compiled else ""),
             "steps": steps, "step_seconds": seconds, "examples_per_s": B / step_s,
             "tokens_per_s": B * answer_tokens / step_s, "flops_per_token": fpt,
             "flops_per_s": fpt * B * T / step_s, "mfu": fpt * B * T / step_s / peak}
