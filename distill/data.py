@@ -90,26 +90,20 @@ def collate(rows: list[dict], vocab_ids: list[int], sep_id: int, max_comment_tok
     return Batch(input_ids, attention, targets, loss_mask, teacher)
 
 
-def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
-    """The shuffled row order of an epoch: the same on every worker and on every rerun."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).numpy()
-
-
 def bucketed_order(lengths: np.ndarray, epoch: int, seed: int, batch_size: int, buckets: int) -> np.ndarray:
-    """`epoch_order` with rows of similar length batched together, so batches carry less padding.
+    """The row order of an epoch, with rows of similar length batched together (less padding).
 
-    The epoch's shuffled order is cut into windows of `buckets` batches of `batch_size` rows
+    A permutation seeded by (seed, epoch), the epoch's shuffled order, is cut into windows of `buckets` batches of `batch_size` rows
     (the global batch); each window is sorted by length, and the whole batches (positions
     k * batch_size) are then shuffled, with the longest first (a micro-batch too big for
     memory fails at step 1, not hours in) and the partial last batch, if any, kept last.
     Every row comes exactly once; the result depends only on (lengths, epoch, seed,
     batch_size, buckets), so it is the same on every worker and every rerun. buckets 0 or 1:
-    the plain `epoch_order`.
+    the plain shuffled order.
     """
     n = len(lengths)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).numpy()  # = epoch_order(n, epoch, seed); g goes on below
+    order = torch.randperm(n, generator=g).numpy()  # the shuffled order; g shuffles the batches below
     if buckets <= 1:
         return order
     window = batch_size * buckets

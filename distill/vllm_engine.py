@@ -98,7 +98,7 @@ import numpy as np
 import torch
 
 from distill.constrained import AnswerAutomaton, AnswerGrammar
-from distill.teacher import Answer
+from distill.teacher import Answer, Teacher
 from distill.vocab import OutputVocab
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,6 @@ EXTRA_ARGS_KEY = "distill_answer_automaton"
 PROCESSOR_FQCN = "distill.vllm_engine:AnswerAutomatonLogitsProcessor"
 SHIFT = 1024.0
 """Subtracted from the output-vocab logits the automaton does not allow at a step; added back when reading."""
-VLLM_DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class VLLMEngineError(RuntimeError):
@@ -425,7 +424,7 @@ def engine_kwargs(cfg, vocab_size: int) -> dict:
     """`vllm.LLM(...)` arguments besides the model: our processor, processed logits, room for V logprobs."""
     return dict(logits_processors=[PROCESSOR_FQCN], logprobs_mode="processed_logits", max_logprobs=vocab_size,
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tensor_parallel_size=1,
-                dtype=VLLM_DTYPES[cfg.dtype], seed=0)
+                dtype=cfg.dtype, seed=0)  # vLLM takes the same dtype names
 
 
 class VLLMTeacher:
@@ -451,10 +450,7 @@ class VLLMTeacher:
         except TypeError:
             self.params = sampling_params_cls(**kwargs)
 
-    def prompt_ids(self, comment_ids: list[int]) -> list[int]:
-        """BOS + prompt prefix + comment + prompt suffix, exactly as `Teacher.prompt_ids`."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.prefix_ids + list(comment_ids) + self.suffix_ids
+    prompt_ids = Teacher.prompt_ids  # BOS + prompt prefix + comment + prompt suffix: the same ids
 
     def answer(self, comments_ids: list[list[int]]) -> list[Answer]:
         """Greedy constrained answers with raw logits over the output vocabulary at every step."""

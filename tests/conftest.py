@@ -136,6 +136,21 @@ def tiny_teacher_model(tiny_teacher_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
 
 
+def tiny_config(teacher_dir, uri, *extra):
+    """An extraction config on the tiny teacher: 24 comments in shards of 8, batches of 5."""
+    from distill.config import load_config
+
+    return load_config(None, [f"teacher.model={teacher_dir}", f"records.uri={uri}", "corpus.limit=24",
+                              "records.shard_size=8", "teacher.batch_size=5", "teacher.cpu_threads=1", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_teacher_dir, tmp_path_factory):
+    from distill.extract import prepare
+
+    return prepare(tiny_config(tiny_teacher_dir, str(tmp_path_factory.mktemp("records"))))
+
+
 # ---------------------------------------------------------------------------
 # --- the default task and its answer grammar (few-shot style, end of answer = <eos>) ---
 # ---------------------------------------------------------------------------

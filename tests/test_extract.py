@@ -12,22 +12,13 @@ import torch
 
 from distill import records
 from distill.config import load_config
-from distill.extract import prepare, run_extraction
+from distill.extract import run_extraction
 from distill.records import RecordsError
 from distill.storage import StorageError, check_writable
 from distill.teacher import Teacher
+from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(teacher_dir, uri, *extra):
-    return load_config(None, [f"teacher.model={teacher_dir}", f"records.uri={uri}", "corpus.limit=24",
-                              "records.shard_size=8", "teacher.batch_size=5", "teacher.cpu_threads=1", *extra])
-
-
-@pytest.fixture(scope="module")
-def tiny_prepared(tiny_teacher_dir, tmp_path_factory):
-    return prepare(tiny_config(tiny_teacher_dir, str(tmp_path_factory.mktemp("records"))))
 
 
 def test_logits_equal_an_unbatched_forward_pass(tiny_prepared, tiny_teacher_model):

@@ -31,6 +31,7 @@ from distill.teacher import Teacher
 from distill.vllm_engine import (SHIFT, AnswerAutomatonLogitsCore, VLLMEngineError, VLLMTeacher,
                                  answer_from_completion, automaton_spec, center_logits, step_values)
 from distill.vocab import OutputVocab
+from tests.conftest import tiny_config
 
 # --- stand-ins with vLLM's attribute names ---------------------------------------------
 
@@ -457,16 +458,6 @@ def test_config_engine_field():
 
 
 # --- the simulated engine against the transformers teacher --------------------------------
-
-
-def tiny_config(teacher_dir, uri, *extra):
-    return load_config(None, [f"teacher.model={teacher_dir}", f"records.uri={uri}", "corpus.limit=12",
-                              "records.shard_size=12", "teacher.batch_size=5", "teacher.cpu_threads=1", *extra])
-
-
-@pytest.fixture(scope="module")
-def tiny_prepared(tiny_teacher_dir, tmp_path_factory):
-    return prepare(tiny_config(tiny_teacher_dir, str(tmp_path_factory.mktemp("records"))))
 
 
 @pytest.mark.parametrize("flat", [False, True])
