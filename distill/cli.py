@@ -3,7 +3,7 @@
     distill extract --config FILE [key=value ...]   teacher records from a corpus
     distill inspect RECORDS                         manifest, counts and a few decoded examples
     distill train --config FILE [key=value ...]     train (or resume) the student on the records
-    distill eval MODEL RECORDS                      evaluate a model artifact on held-out records
+    distill eval MODEL RECORDS [--train-records R]  held-out metrics of a model artifact, beside baselines
     distill export RUN_DIR OUT                      model artifact from a run's latest checkpoint
     distill classify MODEL [TEXT ...]               answer comments (arguments, --file, or stdin) as JSON lines
     distill report RUN_DIR                          HTML report + markdown summary of a run
@@ -69,17 +69,55 @@ def cmd_train(args) -> int:
     return 0
 
 
-def print_outcome(outcome: dict) -> None:
-    ev = outcome["eval"]
-    if ev:
-        line = (f"[eval] held-out: student-only exact {ev['student_only_exact']:.3f}, teacher-forced acc "
-                f"{ev['teacher_forced_acc']:.3f}, JSON valid unconstrained {ev['json_valid_unconstrained']:.3f}, "
-                f"held-out KL {ev['held_out_kl']:.4f}")
-        human = ev.get("human") or {}
-        if human.get("n"):
-            line += (f"; vs human {human['field']} labels (n={human['n']}): teacher "
+def _answer(values: dict) -> str:
+    return "/".join(values.values())
+
+
+def _share(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+
+def format_eval(ev: dict) -> list[str]:
+    """The lines `print_outcome` shows for an `evaluate()` dict: exact agreement with the teacher of
+    the student beside the baselines (all comments, and where the teacher was confident), the
+    token-level figures, and the teacher's and student's answers to a few comments. Parts an
+    older eval dict lacks are left out."""
+    base = ev.get("baselines") or {}
+    confident = (ev.get("agreement_by_margin") or {}).get(">=0.2")
+    columns = [("student", "student")] + [(title, key) for title, key in (("majority", "majority_answer"),
+                                                                          ("bag-of-words", "bag_of_words"))
+                                          if key in base]
+    all_rows = {"student": ev["student_only_exact"], **base}
+    lines = [f"[eval] exact answer = teacher's, held out (n={ev['n']})"
+             + (f"; baselines learnt from {base['n_train']} train records" if base else ""),
+             f"  {'':<24}" + "".join(f"{title:>14}" for title, _ in columns),
+             f"  {'all':<24}" + "".join(f"{_share(all_rows[key]):>14}" for _, key in columns)]
+    if confident:
+        label = f"margin >= 0.2 (n={confident['n']})"
+        lines.append(f"  {label:<24}" + "".join(f"{_share(confident.get(key)):>14}" for _, key in columns))
+    figures = [f"choice-point acc {_share(ev['choice_point_acc'])}"] if "choice_point_acc" in ev else []
+    figures += [f"teacher-forced acc {ev['teacher_forced_acc']:.3f} (all positions, inflated by forced JSON)",
+                f"JSON valid unconstrained {ev['json_valid_unconstrained']:.3f}",
+                f"held-out KL {ev['held_out_kl']:.4f}"]
+    lines.append("[eval] " + "; ".join(figures))
+    human = ev.get("human") or {}
+    if human.get("n"):
+        lines.append(f"[eval] vs human {human['field']} labels (n={human['n']}): teacher "
                      f"{human['teacher_agreement']:.3f}, student {human['student_agreement']:.3f}")
-        print(line)
+    if ev.get("samples"):
+        lines.append(f"[eval] teacher vs student ('x': they differ)\n    {'margin':>6}  {'teacher':<34} "
+                     f"{'student':<34} comment")
+        for s in ev["samples"]:
+            text = " ".join(s["text"].split())
+            text = text if len(text) <= 60 else text[:57] + "..."
+            lines.append(f"  {' ' if s['student'] == s['teacher'] else 'x'} {s['margin']:>6.2f}  "
+                         f"{_answer(s['teacher']):<34} {_answer(s['student']):<34} {text}")
+    return lines
+
+
+def print_outcome(outcome: dict) -> None:
+    if outcome["eval"]:
+        print("\n".join(format_eval(outcome["eval"])))
     print(f"model:  {outcome['model']}")
     print(f"report: {outcome['report']}")
 
@@ -88,19 +126,29 @@ def cmd_eval(args) -> None:
     import json
 
     from distill import records
-    from distill.evaluate import evaluate
+    from distill.evaluate import evaluate, training_rows
     from distill.inference import load_artifact
     from distill.train import human_labels_for
 
     student = load_artifact(args.model)
-    table = records.read_records(args.records)
-    rows = [r for r in table.to_pylist() if args.split == "all" or r["split"] == args.split][:args.limit]
     manifest = records.load_manifest(args.records)
     if manifest["vocab"]["ids"] != list(student.vocab.ids):
-        raise RecordsError(f"{args.records}: records' output vocabulary differs from the model's")
+        raise RecordsError(f"{args.records}: records' output vocabulary differs from the model's; "
+                           f"extract them with vocab.from_uri={args.model}")
+    table = records.read_records(args.records, manifest)
+    rows = [r for r in table.to_pylist() if args.split == "all" or r["split"] == args.split][:args.limit]
+    if args.train_records:  # the baselines' training rows
+        train_manifest = records.load_manifest(args.train_records)
+        if train_manifest["task"] != manifest["task"]:
+            raise RecordsError(f"{args.train_records}: records of another task than {args.records}")
+        train_rows = training_rows(records.read_records(args.train_records, train_manifest))
+        if not train_rows:
+            raise RecordsError(f"{args.train_records}: no records in the train split")
+    else:
+        train_rows = training_rows(table)
     metrics = evaluate(student.model, rows, student.vocab, student.sep_id, student.grammar,
                        manifest["logits_dtype"], student.model.cfg.max_comment_tokens,
-                       human_labels=human_labels_for(student.task))
+                       human_labels=human_labels_for(student.task), train_rows=train_rows or None)
     print(json.dumps(metrics, indent=2))
 
 
@@ -191,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("records", help="records directory or s3:// prefix")
     p.add_argument("--split", default="eval", choices=["eval", "train", "all"])
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
+    p.add_argument("--train-records", help="records whose train split the baselines learn from "
+                                           "(default: RECORDS' train split, if it has one)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a model artifact from a run's latest checkpoint")

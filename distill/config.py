@@ -59,8 +59,12 @@ class CorpusConfig:
     """Share of comments held out for evaluation, by a stable hash of the id."""
     split_salt: str = "distill-v1"
     """Salt of the split hash; change it for a different but still stable split."""
+    skip: int = 0
+    """Skip this many kept comments, in corpus order, before `limit`: skip=N limit=M keeps the
+    comments N..N+M-1 of a run without skip (the skipped ones still count for dedupe), so a later
+    slice of a corpus, e.g. a held-out tail, can be extracted on its own."""
     limit: Optional[int] = None
-    """Keep at most this many comments (after filtering), in corpus order; null = all."""
+    """Keep at most this many comments (after filtering and `skip`), in corpus order; null = all."""
 
     def __post_init__(self):
         _check(len(self.paths) > 0, "corpus.paths", self.paths, "give at least one corpus file")
@@ -70,6 +74,7 @@ class CorpusConfig:
         _check(self.max_tokens >= self.min_tokens, "corpus.max_tokens", self.max_tokens,
                f"must be >= corpus.min_tokens ({self.min_tokens})")
         _check(0.0 <= self.eval_fraction < 1.0, "corpus.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _check(self.skip >= 0, "corpus.skip", self.skip, "must be >= 0")
         _check(self.limit is None or self.limit > 0, "corpus.limit", self.limit, "must be positive or null")
 
 
@@ -89,6 +94,14 @@ class TaskConfig:
 class VocabConfig:
     size: int = 525
     """Output vocabulary size: required answer tokens + auxiliary tokens up to this size."""
+    from_uri: Optional[str] = None
+    """Reuse the output vocabulary of a model artifact (its vocab.json) or of a record set (its
+    manifest.json's vocab), local or s3://, instead of building one from this corpus: extraction
+    then uses exactly its ids, order and required tokens, so a model trained on the source can be
+    evaluated (`distill eval`) or trained on the new records. It must fit the run: vocab.size
+    must equal its size (it is not changed silently: student.output_vocab_size must match it too),
+    its required tokens must be those of the task's answer grammar, and it must come from the same
+    tokenizer; else extraction stops with one line. null = build the vocabulary from the corpus."""
 
     def __post_init__(self):
         _check(self.size >= 2, "vocab.size", self.size, "must be >= 2")

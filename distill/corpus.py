@@ -22,7 +22,9 @@ Every row read lands in exactly one place, and the first reason that applies win
                  malformed_json, malformed_csv, bad_columns, no_text, no_id, bad_encoding
     dropped      filtered out on purpose, counted: empty, deleted, url, special_tag,
                  markup, then (after counting teacher tokens) too_short, too_long,
-                 duplicate (same text as a kept row), duplicate_id (same id as a kept row)
+                 duplicate (same text as a kept row), duplicate_id (same id as a kept row),
+                 skipped (the first `corpus.skip` rows that would be kept; later rows are
+                 still deduplicated against them)
     kept         a row of the returned table, until `corpus.limit` rows are kept
 
 Corpus table, version CORPUS_VERSION (also in the schema metadata): `id`, `text`,
@@ -304,6 +306,10 @@ class _CorpusBuilder:
         self.kept_ids: set[str] = set()
 
     @property
+    def skipped(self) -> int:
+        return self.stats.dropped["skipped"]
+
+    @property
     def full(self) -> bool:
         return self.cfg.limit is not None and self.stats.kept >= self.cfg.limit
 
@@ -323,8 +329,9 @@ class _CorpusBuilder:
             self.stats.dropped[reason] += 1
             return
         self.pending.append((row_id, text, labels))
-        # With a limit, never count more texts than could still be kept: reading stops right at it.
-        remaining = TOKEN_BATCH if self.cfg.limit is None else self.cfg.limit - self.stats.kept
+        # With a limit, never count more texts than could still be skipped or kept: reading stops right at it.
+        remaining = (TOKEN_BATCH if self.cfg.limit is None
+                     else self.cfg.skip - self.skipped + self.cfg.limit - self.stats.kept)
         if len(self.pending) >= min(TOKEN_BATCH, remaining):
             self.flush()
 
@@ -338,6 +345,10 @@ class _CorpusBuilder:
                       else "duplicate" if text in self.kept_texts
                       else "duplicate_id" if row_id in self.kept_ids
                       else None)
+            if reason is None and self.skipped < self.cfg.skip:
+                reason = "skipped"
+                self.kept_texts.add(text)  # a run without skip keeps it: later duplicates of it are dropped
+                self.kept_ids.add(row_id)
             if reason is not None:
                 self.stats.dropped[reason] += 1
             else:

@@ -5,7 +5,12 @@ One function, `evaluate`, that the train loop calls at the end of every epoch an
 
 - teacher_forced_acc: next-token accuracy at every answer position given the teacher's
   prefix, argmax over the whole output vocabulary (the original's "teacher-forced
-  accuracy"). It counts the literal JSON tokens too, most of them easy, so it runs high.
+  accuracy"). INFLATED: about 21 of a reddit_moderation answer's 25 positions are JSON
+  tokens the automaton forces, so it reads ~98% for a student that knows little.
+- choice_point_acc: the same, only at the choice points (positions where the answer
+  automaton allows more than one token: the states come from walking the teacher's
+  answer through `automaton.table`), argmax over the allowed tokens only, as
+  constrained decoding does. The honest teacher-forced figure; n_choice_points counts them.
 - held_out_kl: forward KL(teacher || student) at temperature 1, per answer token.
 - student_only_exact: the student decodes alone, constrained by the answer automaton;
   the share of answers equal to the teacher's (the original's "student-only accuracy").
@@ -18,6 +23,19 @@ One function, `evaluate`, that the train loop calls at the end of every epoch an
 - field_agreement and confusion: per field, the constrained answer against the teacher's.
 - human (optional): the teacher's and the student's agreement with human labels kept
   in the records' provenance, e.g. GoEmotions sentiment groups.
+- agreement_by_margin: the teacher's confidence in a record is its margin, the smallest
+  gap over the answer's choice points between the top two allowed tokens' probabilities
+  (softmax over the allowed tokens of the record's raw logits). Per margin bucket
+  (MARGIN_BUCKETS, and ">=0.2"): n and the share of exact answers equal to the teacher's,
+  for the student and each baseline. Where the teacher hardly preferred its answer,
+  nobody can be expected to agree with it; student_only_exact_margin_ge_0.2 is the
+  student's exact agreement where it did.
+- baselines (with train_rows): what the student must beat, from the training records
+  alone (`baselines`): majority_answer, the most common teacher answer; bag_of_words,
+  TF-IDF of the comment + logistic regression predicting the whole answer as one class.
+  Exact agreement with the teacher on the evaluated rows, and by margin bucket.
+- samples: up to N_SAMPLES held-out comments with the teacher's and the student's
+  answers and the margin: the first rows, then the first where the two disagree.
 
 Training and evaluation build their inputs the same way (`data.collate` and
 `inference.greedy_decode`, both through `data.student_sequence`): the gap between
@@ -27,10 +45,13 @@ teacher-forced and student-only accuracy measures the student, not an encoding m
 from __future__ import annotations
 
 import json
+from collections import Counter
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from distill.constrained import AnswerGrammar
+from distill.constrained import AnswerAutomaton, AnswerGrammar
 from distill.data import collate
 from distill.inference import greedy_decode
 from distill.losses import forward_kl
@@ -74,21 +95,111 @@ def _fraction(hits: int, n: int) -> float | None:
     return hits / n if n else None
 
 
+MARGIN_BUCKETS = [("[0, 0.1)", 0.0, 0.1), ("[0.1, 0.2)", 0.1, 0.2), ("[0.2, 0.4)", 0.2, 0.4), ("[0.4, 1]", 0.4, 1.0)]
+"""(label, low, high) of the teacher-margin buckets: low <= margin < high (the last includes 1)."""
+CONFIDENT = ">=0.2"
+"""The label of every record with margin >= CONFIDENT_MARGIN, beside the buckets."""
+CONFIDENT_MARGIN = 0.2
+N_SAMPLES = 8
+
+
+def margin_bucket(margin: float) -> str:
+    """The MARGIN_BUCKETS label of a margin in [0, 1]."""
+    for label, low, high in MARGIN_BUCKETS:
+        if low <= margin < high:
+            return label
+    return MARGIN_BUCKETS[-1][0]
+
+
+def answer_states(automaton: AnswerAutomaton, answer_ids: list[int], row_id=None) -> list[int]:
+    """The automaton's state before each answer step: the state that decides which tokens step k may take."""
+    states, state = [], 0
+    for index in answer_ids:
+        states.append(state)
+        state = automaton.edges[state].get(index)
+        if state is None:
+            raise ValueError(f"record {row_id}: answer_ids are not an answer of the task's automaton")
+    return states
+
+
+def training_rows(table: pa.Table) -> list[dict]:
+    """The "text" and "answer" of a records table's split == "train" rows: what `baselines` learns from."""
+    return table.filter(pc.equal(table.column("split"), "train")).select(["text", "answer"]).to_pylist()
+
+
+def baselines(train_rows: list[dict], eval_rows: list[dict]) -> dict:
+    """What two baselines learnt from `train_rows` answer for each of `eval_rows` (dicts with "text", "answer").
+
+    Returns {"majority_answer": [answer dict per eval row], "bag_of_words": [...], "majority": the
+    majority answer}. majority_answer: the most common teacher answer of the training rows (ties:
+    the first in sorted JSON order). bag_of_words: TF-IDF of the text (words of any length and
+    word pairs) + logistic regression, each distinct whole answer one class (the majority answer if there is
+    only one)."""
+    if not train_rows:
+        raise ValueError("baselines: no training rows")
+    answers = {}  # class label (the answer as sorted JSON) -> the answer, fields in the task's order
+    labels = []
+    for r in train_rows:
+        label = json.dumps(dict(r["answer"]), sort_keys=True)
+        answers.setdefault(label, dict(r["answer"]))
+        labels.append(label)
+    majority = min(Counter(labels).items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    if len(answers) == 1:
+        predicted = [majority] * len(eval_rows)
+    else:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True,
+                                token_pattern=r"(?u)\b\w+\b")  # words of one letter too
+        classifier = make_pipeline(words, LogisticRegression(max_iter=1000))
+        classifier.fit([r["text"] for r in train_rows], labels)
+        predicted = classifier.predict([r["text"] for r in eval_rows]).tolist()
+    return {"majority_answer": [answers[majority]] * len(eval_rows),
+            "bag_of_words": [answers[label] for label in predicted], "majority": answers[majority]}
+
+
+def _agreement_by_margin(margins: list[float], teacher: list[dict], predictions: dict[str, list[dict]]) -> dict:
+    """{bucket label: {"n", and per predictor name its exact agreement share (None when n = 0)}}."""
+    groups = {label: [i for i, m in enumerate(margins) if margin_bucket(m) == label] for label, _, _ in MARGIN_BUCKETS}
+    groups[CONFIDENT] = [i for i, m in enumerate(margins) if m >= CONFIDENT_MARGIN]
+    return {label: {"n": len(rows), **{name: _fraction(sum(answers[i] == teacher[i] for i in rows), len(rows))
+                                       for name, answers in predictions.items()}}
+            for label, rows in groups.items()}
+
+
+def _samples(rows: list[dict], teacher: list[dict], student: list[dict], margins: list[float]) -> list[dict]:
+    """Up to N_SAMPLES rows: the first half from the start, the rest the first disagreements (else the next rows)."""
+    first = list(range(min(len(rows), N_SAMPLES // 2)))
+    rest = [i for i in range(len(rows)) if i not in first]
+    rest = [i for i in rest if student[i] != teacher[i]] + [i for i in rest if student[i] == teacher[i]]
+    picked = sorted(first + rest[:N_SAMPLES - len(first)])
+    return [{"text": rows[i]["text"], "teacher": teacher[i], "student": student[i], "margin": margins[i]}
+            for i in picked]
+
+
 @torch.no_grad()
 def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, grammar: AnswerGrammar,
              logits_dtype: str, max_comment_tokens: int, batch_size: int = 64,
-             human_labels: dict | None = None) -> dict:
+             human_labels: dict | None = None, train_rows: list[dict] | None = None) -> dict:
     """Metrics of `model` on record rows (see the module docstring); the model's train/eval mode is restored.
 
     rows: dicts as `records.read_records(...).to_pylist()` gives (`answer` as (key, value)
     pairs or a dict). grammar: the task's answer grammar (its task and automaton are used,
     and it decodes the student's answers into field values). human_labels: like
-    GOEMOTIONS_SENTIMENT. Returns plain floats and ints (JSON-ready):
-    n, n_tokens, teacher_forced_acc, held_out_kl, student_only_exact,
-    json_valid_unconstrained, field_agreement {field: share}, confusion {field:
-    {"labels", "matrix" [teacher value i][student value j] counts}}, and with
-    human_labels: human {"field", "n", "teacher_agreement", "student_agreement"}
-    (agreements None when no record has a usable label)."""
+    GOEMOTIONS_SENTIMENT. train_rows: training records (at least "text" and "answer", as
+    `training_rows` gives), for the baselines; None = no baselines (per-epoch evaluation).
+    Returns plain floats and ints (JSON-ready):
+    n, n_tokens, teacher_forced_acc, n_choice_points, choice_point_acc, held_out_kl,
+    student_only_exact, student_only_exact_margin_ge_0.2, json_valid_unconstrained,
+    field_agreement {field: share}, confusion {field: {"labels", "matrix" [teacher value i]
+    [student value j] counts}}, agreement_by_margin {bucket: {"n", "student", and with
+    train_rows "majority_answer", "bag_of_words"}}, samples [{"text", "teacher", "student",
+    "margin"}]; with human_labels: human {"field", "n", "teacher_agreement",
+    "student_agreement"} (agreements None when no record has a usable label); with
+    train_rows: baselines {"n_train", "majority", "majority_answer", "bag_of_words"} (the
+    majority answer, then the two baselines' exact agreement). Shares are None where n = 0."""
     if not rows:
         raise ValueError("evaluate: no rows to evaluate")
     task = grammar.task
@@ -96,21 +207,38 @@ def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, 
         _check_human_labels(human_labels, task)
     automaton = grammar.automaton(vocab)
     device = next(model.parameters()).device
+    table = automaton.table.to(device)  # (S, V)
     was_training = model.training
     model.eval()
-    correct = tokens = valid_unconstrained = 0
+    correct = tokens = choice_correct = choice_points = valid_unconstrained = 0
     kl_sum = 0.0
-    teacher_answers, student_answers = [], []
+    teacher_answers, student_answers, margins = [], [], []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             batch = collate(chunk, vocab.ids, sep_id, max_comment_tokens, logits_dtype).to(device)
             logits = model(batch.input_ids, batch.attention_mask)  # (B, T, V)
             hits = (logits.argmax(-1) == batch.targets) & batch.loss_mask  # (B, T)
-            n_tokens = batch.n_tokens  # host sync, as the two below: once per batch
+            n_tokens = batch.n_tokens  # host sync, as the ones below: a few per batch
             correct += int(hits.sum())
             tokens += n_tokens
             kl_sum += float(forward_kl(logits, batch.teacher_logits, batch.loss_mask)) * n_tokens
+
+            # choice points: the automaton's state at each answer position, from the teacher's answer
+            states = torch.full(batch.targets.shape, -1, dtype=torch.long)  # (B, T), -1 off the answer
+            states[batch.loss_mask.cpu()] = torch.tensor(
+                [s for r in chunk for s in answer_states(automaton, r["answer_ids"], r.get("id"))])
+            states = states.to(device)
+            allowed = (table[states.clamp(min=0)] >= 0) & (states >= 0)[..., None]  # (B, T, V)
+            choice = allowed.sum(-1) > 1  # (B, T)
+            constrained = logits.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B, T)
+            choice_correct += int(((constrained == batch.targets) & choice).sum())
+            choice_points += int(choice.sum())
+            # the teacher's margin: top-two gap of its probabilities over the allowed tokens, least over choices
+            probs = batch.teacher_logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # NaN where none allowed
+            top = probs.topk(2, dim=-1).values  # (B, T, 2)
+            gaps = torch.where(choice, top[..., 0] - top[..., 1], float("inf"))  # (B, T)
+            margins += gaps.min(-1).values.clamp(max=1.0).tolist()  # no choice at all: margin 1
 
             comments = [r["comment_ids"] for r in chunk]
             for indices in greedy_decode(model, comments, sep_id, vocab.ids, max_comment_tokens,
@@ -124,17 +252,32 @@ def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, 
         model.train(was_training)
 
     n = len(rows)
+    predictions = {"student": student_answers}
+    if train_rows is not None:
+        base = baselines(train_rows, rows)
+        predictions.update(majority_answer=base["majority_answer"], bag_of_words=base["bag_of_words"])
+    by_margin = _agreement_by_margin(margins, teacher_answers, predictions)
     metrics = {
         "n": n,
         "n_tokens": tokens,
         "teacher_forced_acc": correct / tokens,
+        "n_choice_points": choice_points,
+        "choice_point_acc": _fraction(choice_correct, choice_points),
         "held_out_kl": kl_sum / tokens,
         "student_only_exact": sum(s == t for s, t in zip(student_answers, teacher_answers)) / n,
+        "student_only_exact_margin_ge_0.2": by_margin[CONFIDENT]["student"],
         "json_valid_unconstrained": valid_unconstrained / n,
         "field_agreement": {f: sum(s[f] == t[f] for s, t in zip(student_answers, teacher_answers)) / n
                             for f in task.fields},
         "confusion": {},
+        "agreement_by_margin": by_margin,
+        "samples": _samples(rows, teacher_answers, student_answers, margins),
     }
+    if train_rows is not None:
+        metrics["baselines"] = {
+            "n_train": len(train_rows), "majority": base["majority"],
+            **{name: sum(a == t for a, t in zip(predictions[name], teacher_answers)) / n
+               for name in ("majority_answer", "bag_of_words")}}
     for field, labels in task.fields.items():
         position = {value: i for i, value in enumerate(labels)}
         matrix = [[0] * len(labels) for _ in labels]

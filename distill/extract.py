@@ -5,7 +5,9 @@
 1. Prepare (driver, before any long work): load the tokenizer and task, build the
    answer grammar and output vocabulary, read and filter the corpus, check the output
    location is writable. Kept comments are cut into shards of `records.shard_size`
-   in corpus order.
+   in corpus order. With `vocab.from_uri` the vocabulary is not built but taken, ids
+   and order unchanged, from a model artifact or record set (`reused_vocab`), and
+   checked against the run first: records made so can evaluate or train that model.
 2. Pin the plan: `plan.json` records which comment ids go to which shard and what the
    records are made with. A rerun against the same location must produce the same
    plan (else it stops with one line saying what differs), and skips every shard that
@@ -14,7 +16,8 @@
    a callable class that loads the teacher once per actor (one actor per GPU, or one
    on a CPU machine), answers each shard in teacher batches and writes the shard itself;
    only a small summary per shard returns to the driver, which shows progress and records/s.
-4. Seal: `manifest.json` (format version, teacher, tokenizer hash, vocabulary, task,
+4. Seal: `manifest.json` (format version, teacher, tokenizer hash, vocabulary and where it
+   came from (`vocab_source`: null = built from the corpus, else vocab.from_uri), task,
    prompt, decoding, automaton, shard list with row counts and sha256) is written last.
 """
 
@@ -30,13 +33,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from distill import records, storage
-from distill.config import Config, config_to_dict, config_to_yaml
+from distill.config import Config, ConfigError, config_to_dict, config_to_yaml
 from distill.constrained import AnswerGrammar, end_of_answer_id
 from distill.corpus import CorpusStats, read_corpus
 from distill.runtime import init_ray
 from distill.task import Task, load_task, resolve_style
 from distill.teacher import load_teacher, load_tokenizer, teacher_fingerprint, tokenizer_hash
-from distill.vocab import OutputVocab, build_output_vocab
+from distill.vocab import OutputVocab, VocabError, build_output_vocab
 
 
 @dataclass
@@ -71,9 +74,61 @@ def prepare(cfg: Config) -> Prepared:
     def count_tokens(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
+    reused = reused_vocab(cfg, grammar, tokenizer) if cfg.vocab.from_uri is not None else None
     corpus, stats = read_corpus(cfg.corpus, count_tokens, storage.join(cfg.records.uri, "quarantine.jsonl"))
-    vocab = build_output_vocab(grammar, tokenizer, cfg.vocab.size, prefix + suffix, corpus.column("text").to_pylist())
+    if reused is not None:
+        vocab = reused
+    else:
+        vocab = build_output_vocab(grammar, tokenizer, cfg.vocab.size, prefix + suffix,
+                                   corpus.column("text").to_pylist())
     return Prepared(cfg, tokenizer, task, style, prefix, suffix, grammar, vocab, corpus, stats)
+
+
+def read_vocab_source(uri: str) -> tuple[OutputVocab, str | None, str]:
+    """(vocabulary, tokenizer hash, "record set" | "model artifact") stored at `uri`."""
+    from distill.inference import CONFIG_NAME, SUMS_NAME, VOCAB_NAME, ArtifactError, read_artifact
+
+    where = f"vocab.from_uri={uri}"
+    if storage.exists(storage.join(uri, records.MANIFEST_NAME)):
+        manifest = records.load_manifest(uri)
+        data, tok_hash, kind = manifest["vocab"], manifest["tokenizer_hash"], "record set"
+    elif storage.exists(storage.join(uri, SUMS_NAME)):
+        try:
+            files = read_artifact(uri, names=(CONFIG_NAME, VOCAB_NAME))
+        except ArtifactError as e:
+            raise VocabError(f"{where}: {e}") from None
+        data, kind = json.loads(files[VOCAB_NAME]), "model artifact"
+        tok_hash = json.loads(files[CONFIG_NAME]).get("tokenizer_hash")
+    else:
+        raise VocabError(f"{where}: neither a record set ({records.MANIFEST_NAME}) "
+                         f"nor a model artifact ({SUMS_NAME})")
+    try:
+        return OutputVocab.from_dict(data), tok_hash, kind
+    except VocabError as e:
+        raise VocabError(f"{where}: {e}") from None
+
+
+def reused_vocab(cfg: Config, grammar: AnswerGrammar, tokenizer) -> OutputVocab:
+    """The vocabulary at vocab.from_uri, checked against this run: size, required tokens, tokenizer."""
+    uri = cfg.vocab.from_uri
+    vocab, tok_hash, kind = read_vocab_source(uri)
+    if len(vocab) != cfg.vocab.size:
+        raise ConfigError(f"vocab.size={cfg.vocab.size}: the {kind} at vocab.from_uri={uri} has "
+                          f"{len(vocab)} output tokens; set vocab.size={len(vocab)}")
+    if tok_hash != tokenizer_hash(tokenizer):
+        raise VocabError(f"vocab.from_uri={uri}: the {kind} was made with another tokenizer than "
+                         f"teacher {cfg.teacher.model!r} of this run")
+    required, have = grammar.token_ids(), list(vocab.ids[:vocab.n_required])
+    if required != have:
+        missing = [t for t in required if t not in have]
+        if missing:
+            tokens = ", ".join(repr(t) for t in tokenizer.convert_ids_to_tokens(missing[:5]))
+            what = f"lacks {len(missing)} required answer token(s) of task {grammar.task.name!r} ({tokens})"
+        else:
+            what = f"requires tokens that answers of task {grammar.task.name!r} never use"
+        raise VocabError(f"vocab.from_uri={uri}: the {kind}'s vocabulary {what}; "
+                         f"it was made for another task or prompt style")
+    return vocab
 
 
 def automaton_spec(grammar: AnswerGrammar, vocab: OutputVocab) -> dict:
@@ -101,6 +156,8 @@ def make_plan(p: Prepared) -> dict:
         "prompt": {"style": p.style, "prefix": p.prefix, "suffix": p.suffix},
         "vocab": p.vocab.to_dict(),
         "vocab_fingerprint": p.vocab.fingerprint(),
+        # null = built from this corpus; a key older plans lack, so they read as null and still resume
+        "vocab_source": p.cfg.vocab.from_uri,
         "decoding": {"method": "greedy", "constrained": True, "end_id": p.grammar.end_id},
         "automaton": automaton_spec(p.grammar, p.vocab),
         "logits_dtype": p.cfg.records.logits_dtype,
@@ -217,8 +274,9 @@ def run_extraction(cfg: Config) -> dict:
     uri = cfg.records.uri
     p = prepare(cfg)
     print(f"[corpus] {p.stats.summary()}", flush=True)
+    source = f"from {cfg.vocab.from_uri}" if cfg.vocab.from_uri is not None else "built from the corpus"
     print(f"[vocab] {len(p.vocab)} output tokens ({p.vocab.n_required} required, "
-          f"{len(p.vocab) - p.vocab.n_required} auxiliary); prompt style {p.style}", flush=True)
+          f"{len(p.vocab) - p.vocab.n_required} auxiliary), {source}; prompt style {p.style}", flush=True)
     plan = make_plan(p)
     pin_plan(uri, plan)
     storage.write_bytes(storage.join(uri, "config.yaml"), config_to_yaml(cfg).encode())

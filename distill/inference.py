@@ -217,8 +217,9 @@ def _read(uri: str) -> bytes:
         raise ArtifactError(f"{uri}: missing") from None
 
 
-def read_artifact(uri: str) -> dict[str, bytes]:
-    """name -> bytes of every file SHA256SUMS lists (SHA256SUMS included), each checked against it."""
+def read_artifact(uri: str, names: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    """name -> bytes of every file SHA256SUMS lists (SHA256SUMS included), each checked against it;
+    only of `names` (and SHA256SUMS) when given, e.g. to read the vocabulary without the weights."""
     sums_uri = storage.join(uri, SUMS_NAME)
     if not storage.exists(sums_uri):
         raise ArtifactError(f"{uri}: no {SUMS_NAME}, not a complete student artifact")
@@ -234,6 +235,8 @@ def read_artifact(uri: str) -> dict[str, bytes]:
         raise ArtifactError(f"{sums_uri}: does not list {', '.join(missing)}")
     files = {}
     for name, digest in expected.items():
+        if names is not None and name not in names:
+            continue
         data = _read(storage.join(uri, name))
         if _sha256(data) != digest:
             raise ArtifactError(f"{storage.join(uri, name)}: checksum does not match {SUMS_NAME}")

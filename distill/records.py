@@ -162,7 +162,8 @@ def describe(uri: str, n_examples: int = 3, top_k: int = 3) -> str:
         f"teacher   {teacher['model']}" + (f" @ {teacher['revision']}" if teacher.get("revision") else ""),
         f"task      {manifest['task']['name']} ({', '.join(manifest['task']['fields'])}); prompt style "
         f"{manifest['prompt']['style']}",
-        f"vocab     {len(vocab_strings)} output tokens ({manifest['vocab']['n_required']} required)",
+        f"vocab     {len(vocab_strings)} output tokens ({manifest['vocab']['n_required']} required), "
+        + (f"from {source}" if (source := manifest.get("vocab_source")) else "built from the corpus"),
         f"logits    {manifest['logits_dtype']}, raw (before the constraint mask)",
         f"shards    {len(manifest['shards'])}, {manifest['rows']} rows, "
         f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.2f} MB "

@@ -9,9 +9,13 @@ Reads from the run directory (local or s3://):
 - config.yaml (optional): shown at the end of the page.
 
 Either of the first two may be missing (a run still training has no eval.json yet), not
-both; a figure whose numbers are absent is left out. Writes report.html (plots as inline
-base64 PNGs, drawn with matplotlib's Agg renderer through `Figure`, without pyplot's
-global state) and summary.md (the final figures as a markdown table) next to them.
+both; a figure or table whose numbers are absent (an older eval.json without the
+choice-point accuracy, margins, baselines or samples) is left out. Writes report.html
+(plots as inline base64 PNGs, drawn with matplotlib's Agg renderer through `Figure`,
+without pyplot's global state) and summary.md next to them. Both show the final figures,
+the student's exact agreement with the teacher beside the baselines' (majority answer,
+bag of words) for all comments and per teacher-margin bucket, and a few held-out
+comments with the teacher's and the student's answers.
 """
 
 from __future__ import annotations
@@ -168,8 +172,23 @@ def summary_rows(metrics: list[dict], final: dict) -> list[tuple[str, str]]:
     if final.get("n"):
         rows += [
             ("held-out comments", f"{final['n']:,}"),
-            ("teacher-forced accuracy", _percent(final.get("teacher_forced_acc"))),
-            ("student-only exact answers (constrained)", _percent(final.get("student_only_exact"))),
+            ("teacher-forced accuracy, all positions (inflated: mostly forced JSON tokens)",
+             _percent(final.get("teacher_forced_acc"))),
+        ]
+        if "choice_point_acc" in final:
+            rows.append((f"choice-point accuracy (teacher-forced, constrained; {final['n_choice_points']:,} choices)",
+                         _percent(final["choice_point_acc"])))
+        rows.append(("student-only exact answers (constrained)", _percent(final.get("student_only_exact"))))
+        if "student_only_exact_margin_ge_0.2" in final:
+            confident = final["agreement_by_margin"][">=0.2"]["n"]
+            rows.append((f"student-only exact where the teacher's margin >= 0.2 ({confident:,} comments)",
+                         _percent(final["student_only_exact_margin_ge_0.2"])))
+        base = final.get("baselines")
+        if base:
+            majority = "/".join(base["majority"].values())
+            rows += [(f"majority-answer baseline ({majority}), exact", _percent(base["majority_answer"])),
+                     ("bag-of-words baseline (TF-IDF + logistic regression), exact", _percent(base["bag_of_words"]))]
+        rows += [
             ("valid answers, unconstrained", _percent(final.get("json_valid_unconstrained"))),
             ("held-out forward KL per token", _fmt(final.get("held_out_kl"), ".4f")),
         ]
@@ -198,9 +217,48 @@ def summary_rows(metrics: list[dict], final: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _markdown(title: str, rows: list[tuple[str, str]]) -> str:
+PREDICTORS = [("student", "student"), ("majority answer", "majority_answer"), ("bag of words", "bag_of_words")]
+"""(column title, key) of what agrees with the teacher, in eval.json's agreement_by_margin."""
+
+
+def baseline_table(final: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]] | None:
+    """(head, rows): exact agreement with the teacher of the student and each baseline present,
+    all comments and per teacher-margin bucket; None for an eval without margins."""
+    by_margin = final.get("agreement_by_margin")
+    if not by_margin:
+        return None
+    base = final.get("baselines") or {}
+    columns = [(title, key) for title, key in PREDICTORS if key == "student" or key in base]
+    overall = {"student": final.get("student_only_exact"), **base}
+    rows = [("all", f"{final['n']:,}", *(_percent(overall[key]) for _, key in columns))]
+    rows += [(f"teacher margin {label}", f"{b['n']:,}", *(_percent(b.get(key)) for _, key in columns))
+             for label, b in by_margin.items()]
+    return ("comments", "n", *(title for title, _ in columns)), rows
+
+
+def sample_table(final: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]] | None:
+    """(head, rows): a few held-out comments, the teacher's and the student's answers; None without samples."""
+    samples = final.get("samples")
+    if not samples:
+        return None
+    rows = [(" ".join(s["text"].split()), "/".join(s["teacher"].values()), "/".join(s["student"].values()),
+             "yes" if s["student"] == s["teacher"] else "no", _fmt(s["margin"], ".2f")) for s in samples]
+    return ("comment", "teacher", "student", "same", "teacher margin"), rows
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")  # a | would end the cell
+
+
+def _markdown(title: str, rows: list[tuple[str, str]],
+              tables: list[tuple[str, tuple[tuple[str, ...], list[tuple[str, ...]]]]] = ()) -> str:
+    """The figures as a two-column table, then each (heading, (head, rows)) table."""
     lines = [f"# {title}", "", "| figure | value |", "|---|---:|"]
-    lines += ["| " + name.replace("|", "\\|") + f" | {value} |" for name, value in rows]  # a | would end the cell
+    lines += [f"| {_md_cell(name)} | {value} |" for name, value in rows]
+    for heading, (head, body) in tables:
+        lines += ["", f"## {heading}", "", "| " + " | ".join(head) + " |",
+                  "|---|" + "---:|" * (len(head) - 1)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
 
@@ -211,8 +269,9 @@ def _table(rows: list[tuple[str, ...]], head: tuple[str, ...] | None = None) -> 
 
 
 def _per_epoch_rows(per_epoch: list[dict]) -> list[tuple[str, ...]]:
-    return [(str(e.get("epoch", "-")), _percent(e.get("teacher_forced_acc")), _percent(e.get("student_only_exact")),
-             _percent(e.get("json_valid_unconstrained")), _fmt(e.get("held_out_kl"), ".4f")) for e in per_epoch]
+    return [(str(e.get("epoch", "-")), _percent(e.get("teacher_forced_acc")), _percent(e.get("choice_point_acc")),
+             _percent(e.get("student_only_exact")), _percent(e.get("json_valid_unconstrained")),
+             _fmt(e.get("held_out_kl"), ".4f")) for e in per_epoch]
 
 
 def _img(png: str | None) -> str:
@@ -239,18 +298,22 @@ def write_report(run_dir: str) -> tuple[str, str]:
 
     title = f"distill report: {run_dir.rstrip('/').rsplit('/', 1)[-1]}"
     rows = summary_rows(metrics, final)
+    tables = [(heading, table) for heading, table in
+              (("Student beside baselines: exact answer = teacher's (held out)", baseline_table(final)),
+               ("Teacher and student on a few held-out comments", sample_table(final))) if table]
     sections = [
         ("Final figures", [_table(rows)] if rows else []),
+        *((heading, [_table(body, head)]) for heading, (head, body) in tables),
         ("Training", [
             _img(_lines(metrics, "step", ["loss"], "loss")),
             _img(_lines(metrics, "step", ["kl", "ce"], "KL and CE terms")),
             _img(_schedule(metrics)),
         ]),
         ("Per epoch (held out)", [
-            _img(_lines(per_epoch, "epoch", ["teacher_forced_acc", "student_only_exact", "json_valid_unconstrained"],
-                        "accuracy per epoch", ylim=(0, 1.05))),
-            _table(_per_epoch_rows(per_epoch), ("epoch", "teacher-forced", "student-only", "valid unconstrained",
-                                                "held-out KL")) if per_epoch else "",
+            _img(_lines(per_epoch, "epoch", ["teacher_forced_acc", "choice_point_acc", "student_only_exact",
+                                             "json_valid_unconstrained"], "accuracy per epoch", ylim=(0, 1.05))),
+            _table(_per_epoch_rows(per_epoch), ("epoch", "teacher-forced", "choice points", "student-only",
+                                                "valid unconstrained", "held-out KL")) if per_epoch else "",
         ]),
         ("Student against teacher and humans (final model)", [
             _img(_confusion(final.get("confusion"))),
@@ -268,5 +331,5 @@ def write_report(run_dir: str) -> tuple[str, str]:
 
     html_uri, md_uri = storage.join(run_dir, "report.html"), storage.join(run_dir, "summary.md")
     storage.write_bytes(html_uri, "\n".join(page).encode())
-    storage.write_bytes(md_uri, _markdown(title, rows).encode())
+    storage.write_bytes(md_uri, _markdown(title, rows, tables).encode())
     return html_uri, md_uri

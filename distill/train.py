@@ -567,9 +567,11 @@ def run_training(cfg: Config):
 
 def finish_run(cfg: Config, result) -> dict:
     """After `fit`: metrics and per-epoch evals to the run dir; when training is complete, the model
-    artifact (run_dir/model), a final evaluation on the whole held-out split (eval.json) and the report."""
+    artifact (run_dir/model), a final evaluation on the whole held-out split (eval.json, with the
+    baselines learnt from the train split) and the report."""
     from safetensors.torch import load_file
 
+    from distill.evaluate import training_rows
     from distill.inference import save_artifact
     from distill.report import write_report
 
@@ -599,7 +601,8 @@ def finish_run(cfg: Config, result) -> dict:
     held_out = table.filter(pa.compute.equal(table.column("split"), "eval")).to_pylist()
     final = evaluate(model, held_out, vocab, sep_id, AnswerGrammar(task, tokenizer, sep_id),
                      manifest["logits_dtype"], cfg.student.max_comment_tokens,
-                     human_labels=human_labels_for(task)) if held_out else {}
+                     human_labels=human_labels_for(task),
+                     train_rows=training_rows(table) or None) if held_out else {}
     storage.write_bytes(storage.join(run_dir, "eval.json"),
                         json.dumps({**final, "per_epoch": evals}, indent=2).encode())
     html, md = write_report(run_dir)

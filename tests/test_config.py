@@ -31,6 +31,7 @@ def test_yaml_then_overrides(tmp_path):
     ("teacher.batch_size=0", ["teacher.batch_size", "0"]),
     ("teacher.bogus=1", ["bogus"]),
     ("corpus.max_tokens=1", ["corpus.max_tokens", "1"]),
+    ("corpus.skip=-1", ["corpus.skip", "-1"]),
     ("records.logits_dtype=float32", ["records.logits_dtype", "float32"]),
     ("no_equals_sign", ["no_equals_sign", "key=value"]),
 ])

@@ -177,6 +177,25 @@ def test_limit_stops_reading_at_the_limit():
     assert max(calls) <= 100 and "stopped at corpus.limit" in stats.summary()
 
 
+def test_skip_takes_the_kept_comments_after_the_first_n():
+    whole, _ = read_corpus(CorpusConfig(limit=100), words)
+    calls = []
+    tail, stats = read_corpus(CorpusConfig(skip=60, limit=40), lambda batch: calls.append(len(batch)) or words(batch))
+    assert column(tail, "id") == column(whole, "id")[60:100]
+    assert stats.dropped["skipped"] == 60 and stats.kept == 40 and stats.limit_reached
+    assert stats.read == stats.kept + sum(stats.dropped.values()) and max(calls) <= 100
+
+
+def test_skipped_comments_still_count_for_dedupe(tmp_path):
+    rows = [{"id": f"c{i}", "text": f"comment number {i} here"} for i in range(6)]
+    rows.insert(3, {"id": "d", "text": "comment number 1 here"})  # the same text as a skipped comment
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    whole, _ = read(path)
+    tail, stats = read(path, skip=2, limit=3)
+    assert column(tail, "id") == column(whole, "id")[2:5] == ["c2", "c3", "c4"]
+    assert stats.dropped == {"skipped": 2, "duplicate": 1}
+
+
 # --- quarantine ---------------------------------------------------------------------
 
 def test_every_quarantine_reason_is_counted_and_written(tmp_path):

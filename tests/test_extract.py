@@ -1,6 +1,9 @@
-"""Teacher extraction: recorded logits are exact, records are complete, a crashed run resumes exactly once."""
+"""Teacher extraction: recorded logits are exact, records are complete, a crashed run resumes exactly once,
+records of new comments reuse a model's vocabulary (vocab.from_uri) and evaluate it."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +14,17 @@ import pytest
 import torch
 
 from distill import records
-from distill.config import load_config
-from distill.extract import run_extraction
+from distill.cli import main
+from distill.config import ConfigError, load_config
+from distill.constrained import AnswerGrammar
+from distill.extract import reused_vocab, run_extraction
+from distill.inference import save_artifact
+from distill.model import StudentConfig, build_student
 from distill.records import RecordsError
 from distill.storage import StorageError, check_writable
+from distill.task import Task, load_task
 from distill.teacher import Teacher
+from distill.vocab import OutputVocab, VocabError, build_output_vocab
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +113,108 @@ def test_unwritable_output_is_one_line(tmp_path):
     with pytest.raises(StorageError) as e:
         check_writable(str(blocker / "records"))
     assert "cannot write" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- vocab.from_uri: records of other comments in a model's vocabulary -------------------------
+
+
+@pytest.fixture(scope="module")
+def first_records(tiny_teacher_dir, tmp_path_factory):
+    """Records of the first 8 kept comments, with the vocabulary built from them."""
+    uri = str(tmp_path_factory.mktemp("first-records"))
+    run_extraction(tiny_config(tiny_teacher_dir, uri, "corpus.limit=8"))
+    return uri
+
+
+def save_student(uri: str, task: Task, vocab: OutputVocab, tokenizer, end_id: int) -> str:
+    """A tiny random student artifact over `vocab`: a stand-in for a model trained on records in it."""
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(preset="tiny", output_vocab_size=len(vocab))).eval()
+    save_artifact(uri, model, task, vocab, tokenizer, end_id)
+    return uri
+
+
+def test_later_comments_in_the_models_vocabulary_evaluate_the_model(tiny_teacher_dir, tiny_prepared, first_records,
+                                                                    tmp_path, capsys):
+    p, first = tiny_prepared, records.load_manifest(first_records)
+    task, end_id = Task.from_dict(first["task"]), first["decoding"]["end_id"]
+    model = save_student(str(tmp_path / "model"), task, OutputVocab.from_dict(first["vocab"]), p.tokenizer, end_id)
+
+    later_uri = str(tmp_path / "later")
+    later = run_extraction(tiny_config(tiny_teacher_dir, later_uri, f"vocab.from_uri={model}",
+                                       "corpus.skip=8", "corpus.limit=8"))
+    assert later["vocab"] == first["vocab"] and later["vocab_fingerprint"] == first["vocab_fingerprint"]
+    assert later["vocab_source"] == model and first["vocab_source"] is None
+    first_ids = records.read_records(first_records).column("id").to_pylist()
+    later_table = records.read_records(later_uri)
+    # the next 8 comments, none of the first ones (tiny_prepared: the first 24)
+    assert first_ids + later_table.column("id").to_pylist() == p.corpus.column("id").to_pylist()[:16]
+
+    capsys.readouterr()
+    assert main(["eval", model, later_uri, "--split", "all"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 8 and 0 <= metrics["teacher_forced_acc"] <= 1
+
+    # The problem vocab.from_uri solves: a vocabulary built from the later comments differs, and eval says what to do.
+    own = build_output_vocab(p.grammar, p.tokenizer, 525, p.prefix + p.suffix, later_table.column("text").to_pylist())
+    assert own != OutputVocab.from_dict(first["vocab"])
+    other_model = save_student(str(tmp_path / "other-model"), task, own, p.tokenizer, end_id)
+    assert main(["eval", other_model, later_uri]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.endswith(f"extract them with vocab.from_uri={other_model}")
+
+
+def test_a_record_set_is_a_vocabulary_source_too(tiny_teacher_dir, tiny_prepared, first_records):
+    cfg = tiny_config(tiny_teacher_dir, first_records, f"vocab.from_uri={first_records}")
+    vocab = reused_vocab(cfg, tiny_prepared.grammar, tiny_prepared.tokenizer)
+    assert vocab == OutputVocab.from_dict(records.load_manifest(first_records)["vocab"])
+
+
+def test_a_vocabulary_that_does_not_fit_the_run_is_refused_in_one_line(tiny_teacher_dir, tiny_prepared,
+                                                                       first_records, tmp_path):
+    p = tiny_prepared
+
+    def refused(error, source, *extra) -> str:
+        cfg = tiny_config(tiny_teacher_dir, str(tmp_path / "out"), f"vocab.from_uri={source}", *extra)
+        with pytest.raises(error) as e:
+            reused_vocab(cfg, p.grammar, p.tokenizer)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert refused(ConfigError, first_records, "vocab.size=300") == (
+        f"vocab.size=300: the record set at vocab.from_uri={first_records} has 525 output tokens; set vocab.size=525")
+
+    # A model of another task: its vocabulary lacks reddit_moderation's answer tokens.
+    other_task = load_task("support_email_triage")
+    grammar = AnswerGrammar(other_task, p.tokenizer, p.grammar.end_id)
+    other_vocab = build_output_vocab(grammar, p.tokenizer, 525, "", ["some corpus text"])
+    model = save_student(str(tmp_path / "triage-model"), other_task, other_vocab, p.tokenizer, grammar.end_id)
+    message = refused(VocabError, model)
+    assert message.startswith(f"vocab.from_uri={model}: the model artifact's vocabulary lacks ")
+    assert "of task 'reddit_moderation'" in message
+
+    # Records made with another tokenizer (their manifest says so).
+    other_tokenizer = tmp_path / "other-tokenizer"
+    other_tokenizer.mkdir()
+    first = records.load_manifest(first_records)
+    (other_tokenizer / "manifest.json").write_text(json.dumps({**first, "tokenizer_hash": "0" * 64}))
+    assert "was made with another tokenizer" in refused(VocabError, other_tokenizer)
+
+    # Neither a record set nor a model: an unfinished extraction.
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(Path(first_records) / "plan.json", unfinished)
+    assert "neither a record set" in refused(VocabError, unfinished)
+
+
+def test_a_record_set_from_before_vocab_source_still_resumes(tiny_teacher_dir, first_records, tmp_path):
+    uri = tmp_path / "old"
+    shutil.copytree(first_records, uri)
+    plan = json.loads((uri / "plan.json").read_text())
+    del plan["vocab_source"]
+    (uri / "plan.json").write_text(json.dumps(plan))
+    again = run_extraction(tiny_config(tiny_teacher_dir, str(uri), "corpus.limit=8"))  # every shard exists
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in records.load_manifest(first_records)["shards"]]
 
 
 @pytest.mark.slow
