@@ -24,6 +24,8 @@ from distill.model import PRESET_FIELDS, StudentConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_CORPUS = str(PACKAGE_DIR / "data" / "goemotions" / "dev_group.tsv")
+EMBEDDED_TRAIN_CORPUS = str(PACKAGE_DIR / "data" / "goemotions" / "train_group.tsv.zst")
+"""GoEmotions' train split (43,410 rows, same columns), for larger jobs than the demo."""
 EMBEDDED_TEACHER = "gemma3-270m-gguf"
 
 

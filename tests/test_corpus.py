@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from distill import storage
-from distill.config import EMBEDDED_CORPUS, CorpusConfig
+from distill.config import EMBEDDED_CORPUS, EMBEDDED_TRAIN_CORPUS, CorpusConfig
 from distill.corpus import TOKEN_BATCH, CorpusError, read_corpus, split_for
 
 
@@ -288,11 +288,23 @@ def test_vendored_sample_reads_with_the_default_config():
     assert len(quoted) > 50 and all(raw[i].strip() == t for i, t in quoted)
 
 
+def test_vendored_train_split_reads_and_its_tail_is_disjoint():
+    """The shipped train split (zstd TSV) reads like the dev sample; skip + limit give a disjoint tail."""
+    head, stats = read_corpus(CorpusConfig(paths=[EMBEDDED_TRAIN_CORPUS], limit=300), words)
+    assert stats.kept == 300 and stats.quarantined == {}
+    assert set(column(head, "labels")) >= {"1", "2", "3"}
+    tail, tail_stats = read_corpus(CorpusConfig(paths=[EMBEDDED_TRAIN_CORPUS], skip=300, limit=100), words)
+    assert tail_stats.dropped["skipped"] == 300 and tail.num_rows == 100
+    assert not set(column(head, "id")) & set(column(tail, "id"))
+    assert not set(column(head, "text")) & set(column(tail, "text"))
+
+
 def test_vendored_sample_ships_with_its_notice():
     folder = Path(EMBEDDED_CORPUS).parent
     assert (folder / "group_labels.txt").read_text().split() == ["ambiguous", "negative", "neutral", "positive"]
     notice = (folder / "NOTICE.md").read_text()
     assert all(s in notice for s in ["GoEmotions", "arXiv:2005.00547", "Apache", "b75f9d3a8b76", "profanity"])
+    assert Path(EMBEDDED_TRAIN_CORPUS).name in notice
 
 
 # --- S3 -----------------------------------------------------------------------------
