@@ -116,7 +116,7 @@ class TeacherConfig:
     revision: Optional[str] = None
     """Hub revision (commit) of the teacher; recorded in the manifest."""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."""
+    """auto (bf16 on GPUs and on CPUs with AMX-BF16 / AVX512-BF16, fp32 on other CPUs) | float32 | bfloat16 | float16."""
     batch_size: int = 16
     """Comments per teacher forward pass."""
     actors: Optional[int] = None
@@ -192,7 +192,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     precision: str = "auto"
-    """auto (bf16 autocast on GPUs that have it, fp32 otherwise) | fp32 | bf16."""
+    """auto (bf16 autocast on GPUs that have it and on CPUs with AMX-BF16 / AVX512-BF16, fp32 otherwise) | fp32 | bf16."""
     strategy: str = "ddp"
     """ddp (torch DistributedDataParallel; plain on one worker) | deepspeed."""
     zero_stage: int = 2

@@ -61,7 +61,7 @@ from distill.evaluate import GOEMOTIONS_SENTIMENT, evaluate
 from distill.model import build_student, format_param_overview
 from distill.runtime import init_ray
 from distill.task import Task, load_task
-from distill.teacher import load_tokenizer, resolve_teacher_path, tokenizer_hash
+from distill.teacher import cpu_has_fast_bf16, load_tokenizer, resolve_teacher_path, tokenizer_hash
 from distill.vocab import OutputVocab
 
 STOP_FILE = "STOP"
@@ -152,8 +152,8 @@ class Loop:
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             torch.set_num_threads(self.t.cpu_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-        self.bf16 = self.t.precision == "bf16" or (
-            self.t.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and (
+            torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_has_fast_bf16()))
         self.peak_flops = peak_flops(self.device)
 
         self.vocab = OutputVocab.from_dict(manifest["vocab"])
