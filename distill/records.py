@@ -148,6 +148,43 @@ def _token(s: str) -> str:
     return s.replace("▁", " ").replace("\n", "\\n")
 
 
+def teacher_margin(row: dict, transitions: list[dict[int, int]], vocab_size: int, dtype: str) -> float:
+    """The teacher's margin on a record: the smallest gap between its top two probabilities (softmax over
+    the allowed tokens) over the answer's choice points; 1 where the answer had no choice."""
+    logits = decode_logits(row["logits"], row["n_steps"], vocab_size, dtype).float()
+    margin, state = 1.0, 0
+    for step, idx in enumerate(row["answer_ids"]):
+        allowed = sorted(transitions[state])
+        if len(allowed) > 1:
+            top = torch.softmax(logits[step, allowed], -1).topk(2).values
+            margin = min(margin, float(top[0] - top[1]))
+        state = transitions[state][idx]
+    return margin
+
+
+def teacher_summary(manifest: dict, table: pa.Table, transitions: list[dict[int, int]]) -> list[str]:
+    """`describe`'s lines on the teacher itself: distinct answers, how sure it was (margin shares), and its
+    agreement with the GoEmotions human sentiment labels where the records carry them and the task has them."""
+    from distill.evaluate import GOEMOTIONS_SENTIMENT, human_label
+
+    rows = table.select(["answer_text", "answer", "provenance", "answer_ids", "n_steps", "logits"]).to_pylist()
+    if not rows:
+        return []
+    margins = [teacher_margin(r, transitions, len(manifest["vocab"]["ids"]), manifest["logits_dtype"]) for r in rows]
+    share = lambda test: sum(map(test, margins)) / len(margins)  # noqa: E731
+    lines = [f"teacher   {len({r['answer_text'] for r in rows})} distinct answers; margin < 0.1 on "
+             f"{share(lambda m: m < 0.1):.1%}, >= 0.2 on {share(lambda m: m >= 0.2):.1%}, "
+             f">= 0.4 on {share(lambda m: m >= 0.4):.1%} of comments"]
+    spec = GOEMOTIONS_SENTIMENT
+    if set(spec["mapping"].values()) <= set(manifest["task"]["fields"].get(spec["field"], ())):
+        pairs = [(dict(r["answer"])[spec["field"]], label) for r in rows
+                 if (label := human_label(r["provenance"], spec["provenance_key"], spec["mapping"])) is not None]
+        if pairs:
+            lines.append(f"          {spec['field']} = the human label (GoEmotions) on "
+                         f"{sum(a == b for a, b in pairs) / len(pairs):.1%} of {len(pairs)} labelled comments")
+    return lines
+
+
 def describe(uri: str, n_examples: int = 3, top_k: int = 3) -> str:
     """What `distill inspect` prints: the manifest, counts, and a few decoded examples with the
     teacher's top alternatives (among the allowed tokens) at every position where the answer branches."""
@@ -179,6 +216,7 @@ def describe(uri: str, n_examples: int = 3, top_k: int = 3) -> str:
             counts[value] = counts.get(value, 0) + 1
         lines.append(f"  {field:<12}" + ", ".join(f"{v} {c}" for v, c in sorted(counts.items(), key=lambda x: -x[1])))
     V = len(vocab_strings)
+    lines += teacher_summary(manifest, table, transitions)
     for row in table.slice(0, n_examples).to_pylist():
         lines += ["", f"[{row['id']}] {row['text']}", f"  -> {row['answer_text']}"]
         logits = decode_logits(row["logits"], row["n_steps"], V, manifest["logits_dtype"]).float()

@@ -357,3 +357,35 @@ def test_evaluate_reports_baselines_beside_the_student(grammar, vocab, gemma_tok
     assert by_margin["[0.4, 1]"]["majority_answer"] == 0.0
     assert by_margin[">=0.2"]["n"] == 4 and by_margin[">=0.2"]["majority_answer"] == 0.25
     json.dumps(m)
+
+
+def test_inspect_summary_of_the_teacher_margin_and_human_agreement():
+    import math
+
+    import pyarrow as pa
+
+    from distill import records
+
+    # automaton over 3 output tokens: state 0 chooses token 0 or 1, state 1 forces token 2, then final
+    transitions = [{0: 1, 1: 1}, {2: 2}, {}]
+    manifest = {"vocab": {"ids": [10, 11, 12]}, "logits_dtype": "float16",
+                "task": {"fields": {"sentiment": ["positive", "neutral", "negative"]}}}
+
+    def row(first_logits, sentiment, labels):
+        logits = torch.tensor([first_logits, [0.0, 0.0, 5.0]])
+        return {"id": sentiment + labels, "split": "train", "text": "a comment", "comment_ids": [1, 2],
+                "answer_text": sentiment, "answer": [("sentiment", sentiment)], "answer_ids": [0, 2], "n_steps": 2,
+                "provenance": json.dumps({"labels": labels}), "logits": records.encode_logits(logits, "float16")}
+
+    rows = [row([2.0, 0.0, 9.0], "negative", "1"),     # sure (token 2 is not allowed at the choice), human agrees
+            row([0.0, 0.0, 0.0], "positive", "1"),     # a tie: margin 0, human disagrees
+            row([1.0, 0.0, 0.0], "negative", "0")]     # ambiguous label only: not counted
+    table = pa.Table.from_pylist(rows, schema=records.SCHEMA)
+    sure = math.tanh(1.0)  # softmax([2, 0]) top-two gap = tanh(1)
+    assert abs(records.teacher_margin(rows[0], transitions, 3, "float16") - sure) < 1e-3
+    assert records.teacher_margin(rows[1], transitions, 3, "float16") == 0.0
+    lines = records.teacher_summary(manifest, table, transitions)
+    assert lines[0].startswith("teacher   2 distinct answers; margin < 0.1 on 33.3%, >= 0.2 on 66.7%, >= 0.4 on 66.7%")
+    assert "sentiment = the human label (GoEmotions) on 50.0% of 2 labelled comments" in lines[1]
+    no_sentiment = dict(manifest, task={"fields": {"tone": ["a", "b"]}})
+    assert len(records.teacher_summary(no_sentiment, table, transitions)) == 1

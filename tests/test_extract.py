@@ -72,7 +72,7 @@ def test_extraction_writes_every_kept_comment_once(tiny_teacher_dir, tmp_path):
     logits = records.decode_logits(row["logits"], row["n_steps"], len(manifest["vocab"]["ids"]), "float16")
     assert logits.shape == (len(row["answer_ids"]), 525) and torch.isfinite(logits.float()).all()
     text = records.describe(cfg.records.uri, n_examples=2)
-    assert "allowed top" in text and "24 rows" in text
+    assert "allowed top" in text and "24 rows" in text and "distinct answers; margin < 0.1 on" in text
 
     again = run_extraction(cfg)  # a rerun of a complete set changes nothing
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]

@@ -26,7 +26,7 @@ def tiny(**changes) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name", ["reddit_moderation", "support_email_triage"])
+@pytest.mark.parametrize("name", ["reddit_moderation", "reddit_moderation_8shot", "support_email_triage"])
 def test_shipped_tasks_load_and_round_trip(name):
     task = load_task(name)
     assert task.name == name
@@ -36,7 +36,7 @@ def test_shipped_tasks_load_and_round_trip(name):
 
 
 def test_shipped_tasks_are_all_tested():
-    assert shipped_tasks() == ["reddit_moderation", "support_email_triage"]
+    assert shipped_tasks() == ["reddit_moderation", "reddit_moderation_8shot", "support_email_triage"]
 
 
 def test_default_task_fields(task):
