@@ -213,6 +213,10 @@ class TrainConfig:
     """Worker/node losses Ray Train recovers from (restarting from the last checkpoint)."""
     eval_rows: int = 256
     """Held-out rows evaluated at each epoch end (0 = all)."""
+    max_train_rows: Optional[int] = None
+    """Train on only the first N train-split records in id order (a stable, effectively random subset, the
+    same for every N' > N), e.g. for a learning curve over one record set; the final evaluation's baselines
+    learn from the same rows. null = all."""
     init_from_teacher: bool = True
     """Initialise the student's input embedding from the teacher's (truncated SVD when low-rank)."""
     freeze_embedding: bool = False
@@ -256,6 +260,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
         _check(self.eval_rows >= 0, "train.eval_rows", self.eval_rows, "must be >= 0")
+        _check(self.max_train_rows is None or self.max_train_rows > 0, "train.max_train_rows", self.max_train_rows,
+               "must be positive or null")
         _check(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps",
                self.stop_after_steps, "must be >= 1 or null")
         _check(self.length_buckets >= 0, "train.length_buckets", self.length_buckets, "must be >= 0")

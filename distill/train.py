@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 
 from distill import records, storage
@@ -97,6 +96,17 @@ def peak_flops(device: torch.device) -> float | None:
 
     gpu = gpu_for_cuda_name(torch.cuda.get_device_name(device))
     return gpu.bf16_tflops * 1e12 if gpu else None
+
+
+def split_rows(table: pa.Table, max_train_rows: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """(train, eval) rows of a records table, each in id order (a canonical order, whatever order the
+    shards were read in); train cut to its first `max_train_rows` (train.max_train_rows)."""
+    table = table.sort_by("id")
+    split = np.array(table.column("split").to_pylist())
+    train = table.take(np.flatnonzero(split == "train"))
+    if max_train_rows is not None:
+        train = train.slice(0, max_train_rows)
+    return train, table.take(np.flatnonzero(split == "eval"))
 
 
 def human_labels_for(task: Task) -> dict | None:
@@ -163,10 +173,7 @@ class Loop:
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.grammar = AnswerGrammar(self.task, self.tokenizer, self.sep_id)
 
-        table = table.sort_by("id")  # a canonical order, whatever order Ray Data read the shards in
-        split = np.array(table.column("split").to_pylist())
-        self.train_rows = table.take(np.flatnonzero(split == "train"))
-        self.eval_rows = table.take(np.flatnonzero(split == "eval"))
+        self.train_rows, self.eval_rows = split_rows(table, self.t.max_train_rows)
         if self.train_rows.num_rows == 0:
             raise ValueError("no training rows in the records (every comment is in the eval split)")
         self.per_rank = self.t.micro_batch_size * self.t.grad_accum
@@ -597,12 +604,12 @@ def finish_run(cfg: Config, result) -> dict:
     save_artifact(model_uri, model, task, vocab, tokenizer, sep_id,
                   extra={"teacher": manifest["teacher"], "records": cfg.records.uri, "steps": state["step"]})
 
-    table = records.read_records(cfg.records.uri, manifest)
-    held_out = table.filter(pa.compute.equal(table.column("split"), "eval")).to_pylist()
+    train_table, eval_table = split_rows(records.read_records(cfg.records.uri, manifest), cfg.train.max_train_rows)
+    held_out = eval_table.to_pylist()
     final = evaluate(model, held_out, vocab, sep_id, AnswerGrammar(task, tokenizer, sep_id),
                      manifest["logits_dtype"], cfg.student.max_comment_tokens,
                      human_labels=human_labels_for(task),
-                     train_rows=training_rows(table) or None) if held_out else {}
+                     train_rows=training_rows(train_table) or None) if held_out else {}
     storage.write_bytes(storage.join(run_dir, "eval.json"),
                         json.dumps({**final, "per_epoch": evals}, indent=2).encode())
     html, md = write_report(run_dir)

@@ -9,7 +9,7 @@ import pytest
 
 from distill.config import load_config
 from distill.extract import run_extraction
-from distill.train import MODEL_FILE, finish_run, latest_checkpoint, run_training
+from distill.train import MODEL_FILE, finish_run, latest_checkpoint, run_training, split_rows
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
 
@@ -90,3 +90,19 @@ def test_compiled_forward_matches_golden_losses(tiny_teacher_dir, tiny_records, 
     with safe_open(os.path.join(latest_checkpoint(str(tmp_path / "run")), MODEL_FILE), framework="pt") as f:
         keys = list(f.keys())
     assert "head.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_max_train_rows_takes_a_stable_prefix_in_id_order():
+    import pyarrow as pa
+
+    ids = [f"c{i:03d}" for i in range(40)][::-1]  # shards read in any order
+    table = pa.table({"id": ids, "split": ["eval" if i % 5 == 0 else "train" for i in range(40)]})
+    train, held_out = split_rows(table)
+    assert train.num_rows == 32 and held_out.num_rows == 8
+    assert train.column("id").to_pylist() == sorted(train.column("id").to_pylist())
+    small, held_small = split_rows(table, 10)
+    bigger, _ = split_rows(table, 20)
+    assert small.column("id").to_pylist() == bigger.column("id").to_pylist()[:10] == train.column("id").to_pylist()[:10]
+    assert held_small.column("id").to_pylist() == held_out.column("id").to_pylist()  # the eval split is never cut
+    with pytest.raises(ValueError, match="train.max_train_rows"):
+        load_config(None, ["train.max_train_rows=0"])
