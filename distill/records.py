@@ -162,19 +162,25 @@ def teacher_margin(row: dict, transitions: list[dict[int, int]], vocab_size: int
     return margin
 
 
+SUMMARY_ROWS = 10_000
+"""`teacher_summary` reads at most this many records (decoding every record's logits of a large set is slow)."""
+
+
 def teacher_summary(manifest: dict, table: pa.Table, transitions: list[dict[int, int]]) -> list[str]:
     """`describe`'s lines on the teacher itself: distinct answers, how sure it was (margin shares), and its
     agreement with the GoEmotions human sentiment labels where the records carry them and the task has them."""
     from distill.evaluate import GOEMOTIONS_SENTIMENT, human_label
 
-    rows = table.select(["answer_text", "answer", "provenance", "answer_ids", "n_steps", "logits"]).to_pylist()
+    rows = table.slice(0, SUMMARY_ROWS).select(["answer_text", "answer", "provenance", "answer_ids", "n_steps",
+                                                "logits"]).to_pylist()
     if not rows:
         return []
     margins = [teacher_margin(r, transitions, len(manifest["vocab"]["ids"]), manifest["logits_dtype"]) for r in rows]
     share = lambda test: sum(map(test, margins)) / len(margins)  # noqa: E731
     lines = [f"teacher   {len({r['answer_text'] for r in rows})} distinct answers; margin < 0.1 on "
              f"{share(lambda m: m < 0.1):.1%}, >= 0.2 on {share(lambda m: m >= 0.2):.1%}, "
-             f">= 0.4 on {share(lambda m: m >= 0.4):.1%} of comments"]
+             f">= 0.4 on {share(lambda m: m >= 0.4):.1%} of comments"
+             + (f" (the first {SUMMARY_ROWS:,})" if table.num_rows > SUMMARY_ROWS else "")]
     spec = GOEMOTIONS_SENTIMENT
     if set(spec["mapping"].values()) <= set(manifest["task"]["fields"].get(spec["field"], ())):
         pairs = [(dict(r["answer"])[spec["field"]], label) for r in rows
