@@ -69,33 +69,26 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _answer(values: dict) -> str:
-    return "/".join(values.values())
-
-
-def _share(x) -> str:
-    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+def _aligned(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A plain-text table: the first column left-aligned, the others right-aligned, two spaces apart."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return ["    " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))) for row in [head, *rows]]
 
 
 def format_eval(ev: dict) -> list[str]:
-    """The lines `print_outcome` shows for an `evaluate()` dict: exact agreement with the teacher of
-    the student beside the baselines (all comments, and where the teacher was confident), the
-    token-level figures, and the teacher's and student's answers to a few comments. Parts an
-    older eval dict lacks are left out."""
-    base = ev.get("baselines") or {}
-    confident = (ev.get("agreement_by_margin") or {}).get(">=0.2")
-    columns = [("student", "student")] + [(title, key) for title, key in (("majority", "majority_answer"),
-                                                                          ("bag-of-words", "bag_of_words"))
-                                          if key in base]
-    all_rows = {"student": ev["student_only_exact"], **base}
-    lines = [f"[eval] exact answer = teacher's, held out (n={ev['n']})"
-             + (f"; baselines learnt from {base['n_train']} train records" if base else ""),
-             f"  {'':<24}" + "".join(f"{title:>14}" for title, _ in columns),
-             f"  {'all':<24}" + "".join(f"{_share(all_rows[key]):>14}" for _, key in columns)]
-    if confident:
-        label = f"margin >= 0.2 (n={confident['n']})"
-        lines.append(f"  {label:<24}" + "".join(f"{_share(confident.get(key)):>14}" for _, key in columns))
-    figures = [f"choice-point acc {_share(ev['choice_point_acc'])}"] if "choice_point_acc" in ev else []
+    """The lines `print_outcome` shows for an `evaluate()` dict: the report's tables as text (exact
+    agreement with the teacher of the student beside the baselines, all comments and per teacher-margin
+    bucket; a few comments with both answers), the token-level figures and the human-label agreement.
+    Parts an older eval dict lacks are left out."""
+    from distill.report import baseline_table, sample_table
+
+    base = ev.get("baselines")
+    lines = [f"[eval] held out (n={ev['n']}): student-only exact {ev['student_only_exact']:.3f}"
+             + (f"; baselines learnt from {base['n_train']} train records" if base else "")]
+    if table := baseline_table(ev):
+        lines += ["[eval] exact answer = teacher's", *_aligned(*table)]
+    figures = [f"choice-point acc {ev['choice_point_acc']:.3f}"] if ev.get("choice_point_acc") is not None else []
     figures += [f"teacher-forced acc {ev['teacher_forced_acc']:.3f} (all positions, inflated by forced JSON)",
                 f"JSON valid unconstrained {ev['json_valid_unconstrained']:.3f}",
                 f"held-out KL {ev['held_out_kl']:.4f}"]
@@ -104,14 +97,10 @@ def format_eval(ev: dict) -> list[str]:
     if human.get("n"):
         lines.append(f"[eval] vs human {human['field']} labels (n={human['n']}): teacher "
                      f"{human['teacher_agreement']:.3f}, student {human['student_agreement']:.3f}")
-    if ev.get("samples"):
-        lines.append(f"[eval] teacher vs student ('x': they differ)\n    {'margin':>6}  {'teacher':<34} "
-                     f"{'student':<34} comment")
-        for s in ev["samples"]:
-            text = " ".join(s["text"].split())
-            text = text if len(text) <= 60 else text[:57] + "..."
-            lines.append(f"  {' ' if s['student'] == s['teacher'] else 'x'} {s['margin']:>6.2f}  "
-                         f"{_answer(s['teacher']):<34} {_answer(s['student']):<34} {text}")
+    if table := sample_table(ev):
+        head, rows = table
+        rows = [(text if len(text) <= 60 else text[:57] + "...", *rest) for text, *rest in rows]
+        lines += ["[eval] teacher vs student on a few held-out comments", *_aligned(head, rows)]
     return lines
 
 

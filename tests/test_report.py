@@ -123,3 +123,20 @@ def test_report_of_an_eval_json_without_the_new_fields(tmp_path):
     for absent in ("choice-point", "baseline", "margin", "teacher and student on a few", "## "):
         assert absent not in summary.lower()
     assert "baselines" not in page and "teacher margin" not in page
+
+
+def test_the_demo_prints_the_same_tables_as_text():
+    from distill.cli import format_eval
+
+    text = "\n".join(format_eval(fake_eval()))
+    assert "held out (n=40): student-only exact 0.875; baselines learnt from 360 train records" in text
+    rows = {line.strip().split("  ")[0]: line.split() for line in text.splitlines() if line.startswith("    ")}
+    assert rows["all"][-4:] == ["40", "87.5%", "40.0%", "57.5%"]
+    assert rows["teacher margin >=0.2"][-4:] == ["30", "93.3%", "40.0%", "60.0%"]
+    assert rows["teacher margin [0.2, 0.4)"][-4:] == ["0", "-", "-", "-"]
+    assert rows["thanks a lot"][-3:] == ["aggressive/negative", "no", "0.04"]
+    assert "choice-point acc 0.812" in text and "vs human sentiment labels (n=30): teacher 0.700" in text
+
+    old = "\n".join(format_eval(fake_eval(new_fields=False)))  # an eval dict from before these fields
+    assert "student-only exact 0.875" in old and "baseline" not in old and "margin" not in old
+    assert "choice-point" not in old
