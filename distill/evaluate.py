@@ -23,9 +23,10 @@ One function, `evaluate`, that the train loop calls at the end of every epoch an
 - field_agreement and confusion: per field, the constrained answer against the teacher's.
 - human (optional): the teacher's and the student's agreement with human labels kept
   in the records' provenance, e.g. GoEmotions sentiment groups.
-- agreement_by_margin: the teacher's confidence in a record is its margin, the smallest
-  gap over the answer's choice points between the top two allowed tokens' probabilities
-  (softmax over the allowed tokens of the record's raw logits). Per margin bucket
+- agreement_by_margin: the teacher's confidence in a record is its margin
+  (`records.teacher_margin`, which `distill inspect` shows too): the smallest gap over the
+  answer's choice points between the top two allowed tokens' probabilities (softmax over
+  the allowed tokens of the record's raw logits). Per margin bucket
   (MARGIN_BUCKETS, and ">=0.2"): n and the share of exact answers equal to the teacher's,
   for the student and each baseline. Where the teacher hardly preferred its answer,
   nobody can be expected to agree with it; student_only_exact_margin_ge_0.2 is the
@@ -55,6 +56,7 @@ from distill.constrained import AnswerAutomaton, AnswerGrammar
 from distill.data import collate
 from distill.inference import greedy_decode
 from distill.losses import forward_kl
+from distill.records import teacher_margin
 from distill.model import Student
 from distill.task import Task
 from distill.vocab import OutputVocab
@@ -234,11 +236,7 @@ def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, 
             constrained = logits.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B, T)
             choice_correct += int(((constrained == batch.targets) & choice).sum())
             choice_points += int(choice.sum())
-            # the teacher's margin: top-two gap of its probabilities over the allowed tokens, least over choices
-            probs = batch.teacher_logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # NaN where none allowed
-            top = probs.topk(2, dim=-1).values  # (B, T, 2)
-            gaps = torch.where(choice, top[..., 0] - top[..., 1], float("inf"))  # (B, T)
-            margins += gaps.min(-1).values.clamp(max=1.0).tolist()  # no choice at all: margin 1
+            margins += [teacher_margin(r, automaton.edges, len(vocab.ids), logits_dtype) for r in chunk]
 
             comments = [r["comment_ids"] for r in chunk]
             for indices in greedy_decode(model, comments, sep_id, vocab.ids, max_comment_tokens,
