@@ -74,14 +74,17 @@ from distill.teacher import Teacher, load_teacher, pick_device
 
 def non_embedding_params(cfg: StudentConfig) -> int:
     """Every parameter except the input embedding table: the projection of a low-rank embedding,
-    per layer 4 D^2 (q, k, v, o) + 3 D F (GeGLU) + 2 D (norms), the final norm and the output head."""
-    D, F = cfg.d_model, cfg.d_ff
-    return cfg.embed_rank * D + cfg.n_layers * (4 * D * D + 3 * D * F + 2 * D) + D + D * cfg.output_vocab_size
+    per layer 2 D H Dh (q, o) + 2 D Hkv Dh (k, v) + 3 D F (GeGLU) + norms (2 D, 4 D with post_norms,
+    2 Dh more with qk_norm), the final norm and the output head. H Dh = D and Hkv = H: 4 D^2 + 3 D F + 2 D."""
+    D, F, Dh = cfg.d_model, cfg.d_ff, cfg.head_dim
+    attention = 2 * D * cfg.n_heads * Dh + 2 * D * cfg.n_kv_heads * Dh
+    norms = (4 if cfg.post_norms else 2) * D + (2 * Dh if cfg.qk_norm else 0)
+    return cfg.embed_rank * D + cfg.n_layers * (attention + 3 * D * F + norms) + D + D * cfg.output_vocab_size
 
 
 def flops_per_token(cfg: StudentConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per position of a length-seq_len sequence: 6 N + 12 L D T."""
-    return 6 * non_embedding_params(cfg) + 12 * cfg.n_layers * cfg.d_model * seq_len
+    """Training FLOPs (forward + backward) per position of a length-seq_len sequence: 6 N + 12 L H Dh T."""
+    return 6 * non_embedding_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 # -----------------------------------------------------------------------------

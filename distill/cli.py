@@ -178,15 +178,19 @@ def cmd_report(args) -> None:
 
 
 def cmd_model_info(args) -> None:
-    from distill.model import build_student, format_param_overview
-
-    cfg = load_config(args.config, args.overrides)
     import torch
 
+    from distill.model import build_student, format_param_overview
+    from distill.train import teacher_shaped_student
+
+    cfg = teacher_shaped_student(load_config(args.config, args.overrides))
     with torch.device("meta"):  # count parameters without allocating them
         model = build_student(cfg.student)
     s = cfg.student
-    print(f"student {s.preset}: d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads, d_ff {s.d_ff}, "
+    shape = (f"a copy of teacher layers {cfg.train.teacher_layers}" if cfg.train.teacher_layers is not None
+             else f"student {s.preset}")
+    print(f"{shape}: d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads "
+          f"({s.n_kv_heads} key/value, width {s.head_dim}), d_ff {s.d_ff}, "
           f"embedding rank {s.embed_rank or 'full'}, input vocab {s.input_vocab_size:,}, "
           f"output vocab {s.output_vocab_size}, context {s.context}")
     print(format_param_overview(model.param_overview()))

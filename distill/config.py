@@ -219,6 +219,14 @@ class TrainConfig:
     learn from the same rows. null = all."""
     init_from_teacher: bool = True
     """Initialise the student's input embedding from the teacher's (truncated SVD when low-rank)."""
+    teacher_layers: Optional[list[int]] = None
+    """Start the student as a pruned copy of the teacher (a Gemma 3 causal LM): these teacher blocks,
+    by index, in order (e.g. [0, 1, 2, 3]), with the teacher's input embedding, final norm and its LM
+    head's rows of the output vocabulary (DistilBERT's initialisation from teacher layers). The
+    student then has the teacher's shapes: its size fields (d_model, n_heads, n_kv_heads, head_dim,
+    d_ff, embed_rank=0, qk_norm, post_norms, layer_rope_theta, n_layers = the number of layers) are
+    taken from the teacher's config, whatever student.* says. null = a student of student.*'s shape,
+    randomly initialised (its embedding from the teacher's when init_from_teacher)."""
     freeze_embedding: bool = False
     """Keep the input embedding table fixed (train its projection and everything else): with a
     teacher-initialised table this saves the largest optimizer state and regularises small data."""
@@ -264,6 +272,8 @@ class TrainConfig:
                "must be positive or null")
         _check(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps",
                self.stop_after_steps, "must be >= 1 or null")
+        _check(self.teacher_layers is None or (len(self.teacher_layers) >= 1 and min(self.teacher_layers) >= 0),
+               "train.teacher_layers", self.teacher_layers, "must list one or more teacher layer indices, or be null")
         _check(self.length_buckets >= 0, "train.length_buckets", self.length_buckets, "must be >= 0")
         self.compile = str(self.compile).lower()  # YAML's true/false arrive as "True"/"False"
         _check(self.compile in ("auto", "true", "false"), "train.compile", self.compile,

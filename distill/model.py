@@ -29,6 +29,14 @@ Where each piece comes from:
   (`init_embedding_from_teacher`, truncated SVD / PCA, Eckart & Young 1936).
 - Untied output head Linear(D, V_out): the output vocabulary (525 tokens) is not the
   input vocabulary (262,144).
+- Teacher-shaped blocks, so a student can start as a pruned copy of the teacher
+  (`init_from_teacher_layers`; DistilBERT, Sanh et al. 2019, initialised its student from
+  every other teacher layer; Gromov et al. 2024, "The Unreasonable Ineffectiveness of the
+  Deeper Layers", and Men et al. 2024, "ShortGPT", prune a decoder's layers directly):
+  grouped-query attention (`n_kv_heads`; Ainslie et al. 2023, "GQA"), a head width of its
+  own (`head_dim`), RMSNorm on queries and keys (`qk_norm`; Gemma 3), norms on the
+  attention and feed-forward outputs too (`post_norms`, Gemma 2/3's "sandwich"), and a
+  RoPE base per layer (`layer_rope_theta`: Gemma 3's local 10k / global 1M layers).
 
 Shape letters: B batch, T time, D d_model, H heads, Dh head dim, F d_ff,
 R embedding rank, V_in input vocabulary, V_out output vocabulary.
@@ -84,7 +92,7 @@ class StudentConfig:
     n_layers: Optional[int] = None
     """Transformer blocks (null = from the preset)."""
     n_heads: Optional[int] = None
-    """Attention heads; head dim = d_model / n_heads, must be even for RoPE (null = from the preset)."""
+    """Attention (query) heads (null = from the preset)."""
     d_ff: Optional[int] = None
     """GeGLU inner size F (null = from the preset)."""
     embed_rank: Optional[int] = None
@@ -100,6 +108,20 @@ class StudentConfig:
     """Longest answer, in teacher tokens."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads, grouped-query attention (null = n_heads: ordinary multi-head attention)."""
+    head_dim: Optional[int] = None
+    """Width of each attention head, even for RoPE (null = d_model / n_heads)."""
+    query_scale: Optional[float] = None
+    """Multiplier of the attention scores q.k (null = 1 / sqrt(head_dim); Gemma 3: query_pre_attn_scalar^-0.5)."""
+    qk_norm: bool = False
+    """RMSNorm on every head's queries and keys before RoPE (Gemma 3's blocks)."""
+    post_norms: bool = False
+    """Also RMSNorm the attention and feed-forward outputs before they join the residual stream
+    (Gemma 2/3's sandwich norms)."""
+    layer_rope_theta: Optional[list[float]] = None
+    """RoPE base of each layer (Gemma 3: 10k in sliding-window layers, 1M in global ones);
+    null = rope_theta in every layer."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches (0 = none)."""
     init_std: float = 0.02
@@ -113,10 +135,22 @@ class StudentConfig:
                 setattr(self, name, value)
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_comment_tokens", "max_answer_tokens"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
-               f"must be divisible by student.n_heads ({self.n_heads})")
-        _check(self.head_dim % 2 == 0, "n_heads", self.n_heads,
-               f"d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                   f"must be divisible by student.n_heads ({self.n_heads}), or give student.head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        _check(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
+               "must be even for rotary embeddings (null: d_model / n_heads)")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+               f"must divide student.n_heads ({self.n_heads})")
+        _check(self.query_scale is None or self.query_scale > 0, "query_scale", self.query_scale, "must be > 0 or null")
+        if self.layer_rope_theta is not None:
+            self.layer_rope_theta = [float(t) for t in self.layer_rope_theta]
+            _check(len(self.layer_rope_theta) == self.n_layers and min(self.layer_rope_theta) > 0,
+                   "layer_rope_theta", self.layer_rope_theta,
+                   f"must give one positive base per layer ({self.n_layers}), or be null")
         _check(0 <= self.embed_rank < self.d_model, "embed_rank", self.embed_rank,
                f"must be 0 (full embedding) or between 1 and student.d_model - 1 ({self.d_model - 1})")
         _check(self.input_vocab_size >= 1, "input_vocab_size", self.input_vocab_size, "must be >= 1")
@@ -130,9 +164,9 @@ class StudentConfig:
         """Longest sequence the student reads: comment + answer."""
         return self.max_comment_tokens + self.max_answer_tokens
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def rope_thetas(self) -> list[float]:
+        """The RoPE base of every layer."""
+        return self.layer_rope_theta or [self.rope_theta] * self.n_layers
 
 
 # -----------------------------------------------------------------------------
@@ -172,29 +206,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with RoPE on queries and keys."""
+    """Causal self-attention with RoPE on queries and keys; grouped-query when n_kv_heads < n_heads."""
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
-        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout, self.scale = cfg.dropout, cfg.query_scale
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional["KVCache"] = None,
                 layer: int = 0) -> torch.Tensor:
-        B, T, D = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin)  # (B, H|Hkv, T, Dh)
         if cache is not None:
-            k, v = cache.extend(layer, k, v)  # (B, H, S + T, Dh): the tokens read before, then these
+            k, v = cache.extend(layer, k, v)  # (B, Hkv, S + T, Dh): the tokens read before, then these
         # no mask: the causal fast path (FlashAttention on GPU); mask: (B, 1, T, S + T), True = may attend
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * Dh)
         return self.o_proj(y)  # (B, T, D)
 
 
@@ -213,19 +253,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with post_norms,
+    x + norm(attn(norm(x))), then x + norm(mlp(norm(x))) (Gemma 3's decoder layer)."""
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
+        self.attn_post_norm = RMSNorm(cfg.d_model) if cfg.post_norms else nn.Identity()
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = MLP(cfg)
+        self.mlp_post_norm = RMSNorm(cfg.d_model) if cfg.post_norms else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))  # (B, T, D)
-        x = x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
+        x = x + self.drop(self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)))  # (B, T, D)
+        x = x + self.drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x))))  # (B, T, D)
         return x
 
 
@@ -315,8 +358,7 @@ class Student(nn.Module):
         if cache is None:
             if T > self.cfg.context:
                 raise ValueError(f"sequence length {T} exceeds the student's context {self.cfg.context}")
-            cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), self.cfg.head_dim,
-                                      self.cfg.rope_theta)  # (T, Dh) each
+            positions = torch.arange(T, device=x.device)  # (T,)
             mask = None
             if attention_mask is not None:
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
@@ -324,14 +366,16 @@ class Student(nn.Module):
                 keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
                 mask = causal & (keys | self_)  # (B, 1, T, T)
         else:
-            cos, sin, mask = self._read_into(cache, attention_mask.to(device=x.device, dtype=torch.bool))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)  # (B, T, D)
+            positions, mask = self._read_into(cache, attention_mask.to(device=x.device, dtype=torch.bool))
+        rotary = {theta: rotary_cos_sin(positions, self.cfg.head_dim, theta)  # (T, Dh) or (B, 1, T, Dh) each
+                  for theta in set(self.cfg.rope_thetas())}
+        for i, (block, theta) in enumerate(zip(self.blocks, self.cfg.rope_thetas())):
+            x = block(x, *rotary[theta], mask, cache, i)  # (B, T, D)
         return self.head(self.norm(x))  # (B, T, V_out)
 
     def _read_into(self, cache: KVCache, real: torch.Tensor):
-        """Rotary angles (B, 1, T, Dh) and attention mask (B, 1, T, S + T) of T new tokens read
-        after the cache's S slots; records them in the cache as read."""
+        """Positions (B, 1, T) and attention mask (B, 1, T, S + T) of T new tokens read after the
+        cache's S slots; records them in the cache as read."""
         B, T = real.shape
         if cache.real is None:
             cache.real = torch.zeros(B, 0, dtype=torch.bool, device=real.device)
@@ -341,14 +385,13 @@ class Student(nn.Module):
         if int(positions.max()) >= self.cfg.context:  # host sync: once per call
             raise ValueError(f"sequence length {int(positions.max()) + 1} exceeds the student's context "
                              f"{self.cfg.context}")
-        cos, sin = rotary_cos_sin(positions.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, Dh)
         keys = torch.cat((cache.real, real), dim=1)  # (B, S + T)
         causal = torch.ones(T, S + T, dtype=torch.bool, device=real.device).tril(diagonal=S)  # (T, S + T)
         self_ = torch.zeros(T, S + T, dtype=torch.bool, device=real.device)
         self_[:, S:] = torch.eye(T, dtype=torch.bool, device=real.device)  # (T, S + T)
         mask = causal & (keys[:, None, None, :] | self_)  # (B, 1, T, S + T)
         cache.real, cache.n_real = keys, cache.n_real + real.sum(1)
-        return cos[:, None], sin[:, None], mask
+        return positions.clamp(min=0)[:, None], mask
 
     def param_overview(self) -> dict[str, int]:
         """Parameter counts by part: embeddings, attention, feed_forward, norms, output_head, total."""
@@ -356,12 +399,12 @@ class Student(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith(("embed.", "embed_proj.")):
                 part = "embeddings"
+            elif name.endswith("norm.weight"):
+                part = "norms"
             elif ".attn." in name:
                 part = "attention"
             elif ".mlp." in name:
                 part = "feed_forward"
-            elif name.endswith("norm.weight"):
-                part = "norms"
             elif name.startswith("head."):
                 part = "output_head"
             else:
@@ -419,6 +462,52 @@ class Student(nn.Module):
                 table = table @ Q.T  # (V_in, D)
         table = table * (cfg.init_std / table.pow(2).mean().sqrt().clamp_min(1e-12))
         self.embed.weight.copy_(table)
+
+
+    # Gemma 3 (transformers' Gemma3ForCausalLM) parameter names of the student's, per block.
+    TEACHER_BLOCK_NAMES = {
+        "attn_norm": "input_layernorm", "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+        "attn.v_proj": "self_attn.v_proj", "attn.o_proj": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm",
+        "attn.k_norm": "self_attn.k_norm", "attn_post_norm": "post_attention_layernorm",
+        "mlp_norm": "pre_feedforward_layernorm", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
+        "mlp.down_proj": "mlp.down_proj", "mlp_post_norm": "post_feedforward_layernorm",
+    }
+
+    @torch.no_grad()
+    def init_from_teacher_layers(self, teacher: dict[str, torch.Tensor], layers: list[int],
+                                 output_ids: list[int]) -> None:
+        """Start as a pruned copy of a Gemma 3 teacher: its blocks `layers` (teacher indices, in
+        order), its input embedding (exactly, so the sqrt(D) scale matches the copied blocks), its
+        final norm, and as the head its tied LM head's rows of the output vocabulary (`output_ids`,
+        teacher ids), so before any training the student's logits are what the teacher's top layer
+        would give over those tokens after these blocks. `teacher` is the teacher's state dict
+        (transformers names: model.layers.{i}.self_attn.q_proj.weight, ...). The student must have
+        the teacher's shapes (distill.train.teacher_shaped_student makes such a config); any
+        tensor that does not fit stops with one line naming it."""
+        if len(layers) != self.cfg.n_layers:
+            raise ValueError(f"{len(layers)} teacher layers for a student of {self.cfg.n_layers}")
+        if self.embed_proj is not None:
+            raise ValueError("a pruned copy of the teacher needs the full embedding (student.embed_rank=0)")
+        prefix = "model." if "model.embed_tokens.weight" in teacher else ""
+        embedding = teacher[prefix + "embed_tokens.weight"]  # (V_teacher, D)
+        sources = {"embed.weight": embedding[: self.cfg.input_vocab_size],
+                   "norm.weight": teacher[prefix + "norm.weight"],
+                   "head.weight": embedding[torch.tensor(output_ids)]}  # (V_out, D): the tied head's rows
+        for j, i in enumerate(layers):
+            for mine, theirs in self.TEACHER_BLOCK_NAMES.items():
+                sources[f"blocks.{j}.{mine}.weight"] = teacher[f"{prefix}layers.{i}.{theirs}.weight"]
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(sources))
+        if missing:
+            raise ValueError(f"student parameters with no teacher source: {', '.join(missing[:4])} "
+                             "(a teacher-layer copy needs student.qk_norm and student.post_norms)")
+        for name, value in sources.items():
+            if name not in params:
+                raise ValueError(f"student has no {name} to take the teacher's (student.qk_norm / post_norms off?)")
+            if params[name].shape != value.shape:
+                raise ValueError(f"{name}: student shape {tuple(params[name].shape)}, teacher's "
+                                 f"{tuple(value.shape)}: the student needs the teacher's sizes")
+            params[name].copy_(value)
 
 
 def build_student(cfg: StudentConfig) -> Student:

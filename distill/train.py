@@ -36,6 +36,7 @@ directory (written by the driver on SIGTERM) makes every worker checkpoint and r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -132,17 +133,43 @@ def check_records(manifest: dict, task: Task, vocab_size: int, tok_hash: str, ur
                                    f"{manifest['teacher']['model']!r} of this run")
 
 
-def teacher_embedding(cfg: Config) -> torch.Tensor | None:
-    """The teacher's input embedding matrix from its safetensors, or None when not stored locally."""
+def teacher_weights(cfg: Config, embedding_only: bool = False) -> dict[str, torch.Tensor]:
+    """The teacher's tensors (float32) from its local safetensors files, by transformers name; only its
+    input embedding (`...embed_tokens.weight`) with embedding_only. Empty when not stored locally."""
     from safetensors import safe_open
 
     path = Path(resolve_teacher_path(cfg.teacher))
+    weights = {}
     for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                if key.endswith("embed_tokens.weight"):
-                    return f.get_tensor(key).float()
-    return None
+                if not embedding_only or key.endswith("embed_tokens.weight"):
+                    weights[key] = f.get_tensor(key).float()
+    return weights
+
+
+def teacher_shaped_student(cfg: Config) -> Config:
+    """cfg with student.* in the teacher's shapes when train.teacher_layers is set (else cfg itself):
+    the student a pruned copy of those teacher blocks can fill (Student.init_from_teacher_layers)."""
+    layers = cfg.train.teacher_layers
+    if layers is None:
+        return cfg
+    from transformers import AutoConfig
+
+    teacher = AutoConfig.from_pretrained(resolve_teacher_path(cfg.teacher), revision=cfg.teacher.revision)
+    teacher = getattr(teacher, "text_config", teacher)  # multimodal Gemma 3: the language model's config
+    if teacher.model_type != "gemma3_text":
+        raise ConfigError(f"train.teacher_layers: the teacher is a {teacher.model_type!r} model; "
+                          "copying its layers needs a Gemma 3 teacher")
+    if max(layers) >= teacher.num_hidden_layers:
+        raise ConfigError(f"train.teacher_layers={layers}: the teacher has layers 0..{teacher.num_hidden_layers - 1}")
+    thetas = [teacher.rope_parameters[teacher.layer_types[i]]["rope_theta"] for i in layers]
+    student = dataclasses.replace(
+        cfg.student, d_model=teacher.hidden_size, n_layers=len(layers), n_heads=teacher.num_attention_heads,
+        n_kv_heads=teacher.num_key_value_heads, head_dim=teacher.head_dim, d_ff=teacher.intermediate_size,
+        embed_rank=0, query_scale=teacher.query_pre_attn_scalar ** -0.5, qk_norm=True, post_norms=True,
+        layer_rope_theta=thetas)
+    return dataclasses.replace(cfg, student=student)
 
 
 # -----------------------------------------------------------------------------
@@ -206,9 +233,13 @@ class Loop:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            emb = teacher_embedding(self.cfg) if self.t.init_from_teacher else None
-            if emb is not None:
-                self.model.init_embedding_from_teacher(emb)
+            if self.t.teacher_layers is not None:
+                self.model.init_from_teacher_layers(teacher_weights(self.cfg), self.t.teacher_layers,
+                                                    list(self.vocab.ids))
+            elif self.t.init_from_teacher:
+                emb = teacher_weights(self.cfg, embedding_only=True)
+                if emb:
+                    self.model.init_embedding_from_teacher(next(iter(emb.values())))
             return None
         ckpt_dir = tempfile.mkdtemp(prefix="distill-restore-")
         checkpoint.to_directory(ckpt_dir)
@@ -526,6 +557,7 @@ def run_training(cfg: Config):
     uri = cfg.records.uri
     manifest = records.load_manifest(uri)
     task = load_task(cfg.task.name)
+    cfg = teacher_shaped_student(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
     check_records(manifest, task, cfg.vocab.size, tokenizer_hash(tokenizer), uri)
     if cfg.student.output_vocab_size != cfg.vocab.size:
@@ -582,7 +614,7 @@ def finish_run(cfg: Config, result) -> dict:
     from distill.inference import save_artifact
     from distill.report import write_report
 
-    run_dir = cfg.train.run_dir
+    run_dir, cfg = cfg.train.run_dir, teacher_shaped_student(cfg)
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint in {run_dir}: {result.error}")
     with tempfile.TemporaryDirectory(prefix="distill-final-") as tmp:

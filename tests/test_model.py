@@ -231,7 +231,9 @@ def test_config_preset_fills_only_missing_fields():
 @pytest.mark.parametrize("kwargs,field", [
     (dict(preset="huge"), "student.preset"),
     (dict(d_model=60, n_heads=8), "student.d_model"),
-    (dict(d_model=60, n_heads=4), "student.n_heads"),  # head dim 15: odd, no RoPE
+    (dict(d_model=60, n_heads=4), "student.head_dim"),  # d_model / n_heads = 15: odd, no RoPE
+    (dict(n_heads=4, n_kv_heads=3), "student.n_kv_heads"),
+    (dict(n_layers=2, layer_rope_theta=[1e4]), "student.layer_rope_theta"),
     (dict(embed_rank=64), "student.embed_rank"),
     (dict(embed_rank=-1), "student.embed_rank"),
     (dict(n_layers=0), "student.n_layers"),
@@ -341,3 +343,70 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(525), rel=0.1)  # starts near uniform
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# -----------------------------------------------------------------------------
+# A pruned copy of a Gemma 3 teacher
+
+
+def gemma_teacher(layers: int = 3):
+    """A small random Gemma 3 causal LM: grouped-query attention, q/k norms, sandwich norms, a global layer."""
+    from transformers import Gemma3ForCausalLM
+
+    config = Gemma3TextConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+        sliding_window=512,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from their zero init, so copying them is checked too
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def teacher_shaped(teacher, layers: list[int], **change) -> StudentConfig:
+    c = teacher.config
+    shape = dict(d_model=c.hidden_size, n_layers=len(layers), n_heads=c.num_attention_heads,
+                 n_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, d_ff=c.intermediate_size, embed_rank=0,
+                 qk_norm=True, post_norms=True, input_vocab_size=c.vocab_size, output_vocab_size=37,
+                 query_scale=c.query_pre_attn_scalar ** -0.5,
+                 layer_rope_theta=[c.rope_parameters[c.layer_types[i]]["rope_theta"] for i in layers])
+    return StudentConfig(**{**shape, **change})
+
+
+def test_a_copy_of_every_teacher_layer_gives_the_teachers_logits_over_the_output_vocabulary():
+    teacher = gemma_teacher(3)
+    output_ids = list(range(5, 5 + 37 * 3, 3))
+    student = build_student(teacher_shaped(teacher, [0, 1, 2])).eval()
+    student.init_from_teacher_layers(teacher.state_dict(), [0, 1, 2], output_ids)
+    ids = torch.randint(4, 1000, (2, 12))
+    with torch.no_grad():
+        expected = teacher(ids).logits[..., output_ids]  # (B, T, 37)
+        got = student(ids)  # (B, T, 37)
+        # and read through the KV cache in two chunks, as decoding does
+        cache = KVCache(3)
+        real = torch.ones(2, 7, dtype=torch.bool)
+        first = student(ids[:, :7], real, cache=cache)
+        second = student(ids[:, 7:], torch.ones(2, 5, dtype=torch.bool), cache=cache)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat((first, second), 1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pruned_copy_takes_the_chosen_layers_and_refuses_other_shapes():
+    teacher = gemma_teacher(3)
+    student = build_student(teacher_shaped(teacher, [0, 2]))
+    student.init_from_teacher_layers(teacher.state_dict(), [0, 2], list(range(37)))
+    torch.testing.assert_close(student.blocks[1].attn.k_norm.weight, teacher.model.layers[2].self_attn.k_norm.weight)
+    torch.testing.assert_close(student.blocks[1].mlp_post_norm.weight,
+                               teacher.model.layers[2].post_feedforward_layernorm.weight)
+    assert student.cfg.rope_thetas() == [1e4, 1e6]
+    for change, message in ((dict(qk_norm=False), "qk_norm"), (dict(d_ff=128), "teacher's sizes"),
+                            (dict(n_layers=3, layer_rope_theta=None), "2 teacher layers")):
+        other = build_student(teacher_shaped(teacher, [0, 2], **change))
+        with pytest.raises(ValueError, match=message):
+            other.init_from_teacher_layers(teacher.state_dict(), [0, 2], list(range(37)))

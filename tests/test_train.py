@@ -106,3 +106,30 @@ def test_max_train_rows_takes_a_stable_prefix_in_id_order():
     assert held_small.column("id").to_pylist() == held_out.column("id").to_pylist()  # the eval split is never cut
     with pytest.raises(ValueError, match="train.max_train_rows"):
         load_config(None, ["train.max_train_rows=0"])
+
+
+def test_a_pruned_copy_of_the_teacher_trains_and_classifies(tiny_teacher_dir, tiny_records, tmp_path):
+    """train.teacher_layers: the student takes the teacher's shapes and its chosen blocks; with the embedding
+    frozen, the artifact still holds the teacher's embedding exactly; the artifact loads and classifies."""
+    import torch
+    from safetensors import safe_open
+
+    from distill.config import ConfigError
+    from distill.inference import load_artifact
+    from distill.train import teacher_shaped_student
+
+    cfg = train_config(tiny_teacher_dir, tiny_records, tmp_path / "run", "train.teacher_layers=[1]",
+                       "train.freeze_embedding=true", "train.epochs=1", "train.lr=1e-3")
+    assert finish_run(cfg, run_training(cfg))["complete"]
+    student = load_artifact(str(tmp_path / "run" / "model"), device="cpu")
+    s = student.model.cfg
+    assert (s.d_model, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, s.qk_norm, s.post_norms) == \
+        (32, 1, 2, 1, 16, True, True)
+    assert s.layer_rope_theta == [1e6]  # the teacher's layer 1 is its global-attention layer
+    with safe_open(os.path.join(tiny_teacher_dir, "model.safetensors"), framework="pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(student.model.embed.weight.float(), embedding.float())
+    answers = student.classify(["you are all idiots", "have a nice day"])
+    assert all(a["valid"] for a in answers)
+    with pytest.raises(ConfigError, match="train.teacher_layers"):
+        teacher_shaped_student(train_config(tiny_teacher_dir, tiny_records, tmp_path / "x", "train.teacher_layers=[2]"))
