@@ -66,7 +66,7 @@ from distill.losses import DistillLoss
 from distill.model import PRESET_FIELDS, PRESETS, StudentConfig, build_student
 from distill.plan import gpu_for_cuda_name, roofline_seconds, teacher_batch_work
 from distill.task import Task
-from distill.teacher import Teacher, load_teacher, pick_device
+from distill.teacher import Teacher, cpu_has_fast_bf16, load_teacher, pick_device
 
 # -----------------------------------------------------------------------------
 # FLOPs
@@ -264,8 +264,8 @@ def bench_training(cfg: StudentConfig, loss: DistillLoss, train: TrainConfig, an
     """Examples/s, answer tokens/s and MFU of `steps` optimizer steps after `warmup_steps`."""
     torch.manual_seed(0)
     model = build_student(cfg).to(device).train()
-    bf16 = train.precision == "bf16" or (
-        train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and (
+        torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()))  # as train.Loop
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
                                   weight_decay=train.weight_decay, fused=device.type == "cuda")
     batch = synthetic_batch(cfg, train.micro_batch_size, answer_tokens, device)
@@ -293,6 +293,46 @@ def bench_training(cfg: StudentConfig, loss: DistillLoss, train: TrainConfig, an
             "steps": steps, "step_seconds": seconds, "examples_per_s": B / step_s,
             "tokens_per_s": B * answer_tokens / step_s, "flops_per_token": fpt,
             "flops_per_s": fpt * B * T / step_s, "mfu": fpt * B * T / step_s / peak}
+
+
+# -----------------------------------------------------------------------------
+# fp32 against bf16, side by side
+
+
+def bench_precision(cfg: Config, p, teacher: Teacher, shard: dict, spec: "BenchSpec", device: torch.device,
+                    peak: float) -> dict:
+    """Teacher extraction (fast path) in float32 and bfloat16, interleaved over `spec.repeats` runs, with the
+    answers they agree on; then training examples/s of each preset in fp32 and in bf16 autocast."""
+    dtypes = {"float32": None, "bfloat16": None}
+    for name in dtypes:
+        same = str(next(teacher.model.parameters()).dtype).removeprefix("torch.") == name
+        dtypes[name] = teacher if same else load_teacher(dataclasses.replace(cfg.teacher, dtype=name), p.prefix,
+                                                         p.suffix, p.grammar, p.vocab, p.tokenizer, device)
+    order = sorted(range(len(shard["ids"])), key=lambda i: len(shard["comment_ids"][i]))
+    B = cfg.teacher.batch_size
+    batches = [[shard["comment_ids"][i] for i in order[s:s + B]] for s in range(0, len(order), B)]
+    seconds, answers = {name: [] for name in dtypes}, {}
+    for t in dtypes.values():
+        t.answer_fast(batches[0][:2])  # warm-up and the prompt-prefix cache
+    for _ in range(spec.repeats):
+        for name, t in dtypes.items():
+            took, out = timed(lambda: [a for batch in batches for a in t.answer_fast(batch)], device)
+            seconds[name].append(took)
+            answers[name] = [a.vocab_indices for a in out]
+    n = len(order)
+    rate = {name: n / statistics.median(v) for name, v in seconds.items()}
+    training = []
+    for preset in spec.presets:
+        student = preset_config(cfg.student, preset, len(p.vocab))
+        rows = {precision: bench_training(student, cfg.loss, dataclasses.replace(cfg.train, precision=precision),
+                                          teacher.automaton.max_steps, spec.train_steps, spec.warmup_steps, device,
+                                          peak)["examples_per_s"] for precision in ("fp32", "bf16")}
+        training.append({"preset": preset, "fp32_examples_per_s": rows["fp32"], "bf16_examples_per_s": rows["bf16"],
+                         "bf16_over_fp32": rows["bf16"] / rows["fp32"]})
+    return {"comments": n, "fp32_comments_per_s": rate["float32"], "bf16_comments_per_s": rate["bfloat16"],
+            "bf16_over_fp32": rate["bfloat16"] / rate["float32"],
+            "answers_agree": sum(a == b for a, b in zip(answers["float32"], answers["bfloat16"])),
+            "fast_bf16_cpu": cpu_has_fast_bf16() if device.type == "cpu" else None, "training": training}
 
 
 # -----------------------------------------------------------------------------
@@ -329,6 +369,8 @@ class BenchSpec:
     repeats: int = 3
     model: Optional[str] = None
     """A student artifact to classify with; None = the tiny preset with random weights."""
+    compare_precision: bool = False
+    """Also measure the teacher and the presets' training in fp32 and bf16 side by side (bench_precision)."""
     command: str = "distill bench"
 
     def __post_init__(self):
@@ -361,7 +403,9 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
     return {"command": spec.command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "device": info, "teacher": cfg.teacher.model, "extraction": extraction, "training": training,
             "classification": {"student": student_name, **classification},
-            "storage": bench_storage(cfg, p.task, teacher, shard), "config": config_to_dict(cfg)}
+            "storage": bench_storage(cfg, p.task, teacher, shard), "config": config_to_dict(cfg),
+            "precision": bench_precision(cfg, p, teacher, shard, spec, device, info["peak_flops"])
+            if spec.compare_precision else None}
 
 
 # -----------------------------------------------------------------------------
@@ -421,6 +465,15 @@ def format_bench(r: dict) -> str:
         lines.append(f"| {t['preset']} | {si(t['params'])} | {si(t['non_embedding_params'])} | {t['batch_size']} x "
                      f"{t['positions']} | {t['precision']} | {num(t['examples_per_s'])} | {num(t['tokens_per_s'])} | "
                      f"{si(t['flops_per_token'])} | {si(t['flops_per_s'], 'FLOP/s')} | {t['mfu']:.1%} |")
+    q = r.get("precision")
+    if q:
+        lines += ["", f"fp32 against bf16, side by side (CPU with AMX-BF16 / AVX512-BF16: {q['fast_bf16_cpu']})", "",
+                  "| measurement | fp32 | bf16 | bf16 / fp32 |", "|---|---|---|---|",
+                  f"| extraction, fast path, comments/s | {num(q['fp32_comments_per_s'])} | "
+                  f"{num(q['bf16_comments_per_s'])} | {q['bf16_over_fp32']:.2f}x |",
+                  *(f"| training {t['preset']}, examples/s | {num(t['fp32_examples_per_s'])} | "
+                    f"{num(t['bf16_examples_per_s'])} | {t['bf16_over_fp32']:.2f}x |" for t in q["training"]),
+                  "", f"fp32 and bf16 teachers give the same answer on {q['answers_agree']} of {q['comments']} comments."]
     return "\n".join(lines) + "\n"
 
 
@@ -447,6 +500,8 @@ def add_bench_args(parser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="interleaved repeats of the timed answers")
     parser.add_argument("--model", help="student artifact to classify with (default: tiny, random weights)")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="also time the teacher and training in fp32 and bf16 side by side")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's); on a shared machine 1 avoids threads "
                              "waiting on each other")
@@ -465,8 +520,9 @@ def cmd_bench(args) -> None:
                         f"--presets {args.presets}", f"--train-steps {args.train_steps}",
                         f"--warmup-steps {args.warmup_steps}", f"--repeats {args.repeats}",
                         *([f"--model {args.model}"] if args.model else []),
+                        *(["--compare-precision"] if args.compare_precision else []),
                         *([f"--threads {args.threads}"] if args.threads else []), *args.overrides])
     spec = BenchSpec(comments=args.comments, presets=tuple(x for x in args.presets.split(",") if x),
                      train_steps=args.train_steps, warmup_steps=args.warmup_steps, repeats=args.repeats,
-                     model=args.model, command=command)
+                     model=args.model, compare_precision=args.compare_precision, command=command)
     print(write_bench(run_bench(cfg, spec), args.out))

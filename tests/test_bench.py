@@ -19,6 +19,14 @@ def test_flops_per_token_of_the_tiny_preset_by_hand():
     assert flops_per_token(cfg, 52) == 6 * 116_864 + 12 * 2 * 64 * 52 == 781_056
 
 
+def test_non_embedding_params_of_a_teacher_shaped_student():
+    cfg = StudentConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=32, d_ff=96, embed_rank=0,
+                        qk_norm=True, post_norms=True, input_vocab_size=1000)
+    with torch.device("meta"):
+        model = build_student(cfg)
+    assert non_embedding_params(cfg) == model.param_overview()["total"] - model.embed.weight.numel()
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_non_embedding_params_are_all_but_the_lookup_table(preset):
     with torch.device("meta"):
@@ -34,7 +42,7 @@ def tiny_bench(tiny_teacher_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     try:  # one thread: on a busy machine, threads that wait on each other make this run 10x slower
         cmd_bench(parser.parse_args(["--out", str(out), "--comments", "8", "--teacher-batch", "4", "--presets", "tiny",
-                                     "--train-steps", "2", "--repeats", "1", "--threads", "1",
+                                     "--train-steps", "2", "--repeats", "1", "--threads", "1", "--compare-precision",
                                      f"teacher.model={tiny_teacher_dir}", "teacher.dtype=float32", "corpus.limit=8"]))
     finally:
         torch.set_num_threads(threads)
@@ -44,7 +52,7 @@ def tiny_bench(tiny_teacher_dir, tmp_path_factory):
 def test_a_tiny_bench_writes_every_figure(tiny_bench, capsys):
     result = json.loads((tiny_bench / "bench.json").read_text())
     assert set(result) == {"command", "created", "device", "teacher", "extraction", "training", "classification",
-                           "storage", "config"}
+                           "storage", "config", "precision"}
     assert {"name", "torch", "threads", "peak_flops", "bandwidth_bytes_per_s", "peak_source"} <= set(result["device"])
     e = result["extraction"]
     assert e["comments"] == 8 and e["batch_size"] == 4 and e["prompt_tokens"] > 0
@@ -61,7 +69,13 @@ def test_a_tiny_bench_writes_every_figure(tiny_bench, capsys):
     s = result["storage"]
     assert s["comments"] == 8 and 0 < s["shard_bytes_per_comment"]
     assert s["logits_bytes_per_comment"] == pytest.approx(e["mean_answer_tokens"] * 525 * 2)  # float16 rows
+    q = result["precision"]
+    assert q["comments"] == 8 and q["fp32_comments_per_s"] > 0 and q["bf16_comments_per_s"] > 0
+    assert 0 <= q["answers_agree"] <= 8 and q["training"][0]["preset"] == "tiny"
+    assert q["training"][0]["bf16_over_fp32"] == pytest.approx(
+        q["training"][0]["bf16_examples_per_s"] / q["training"][0]["fp32_examples_per_s"])
     markdown = (tiny_bench / "bench.md").read_text()
+    assert "| extraction, fast path, comments/s |" in markdown
     assert "| measurement | value |" in markdown and "| tiny |" in markdown and result["command"] in markdown
 
 
