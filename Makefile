@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-DEMO_CONFIG ?= jobs/configs/gemma3-270m_to_tiny_cpu.yaml
+DEMO_CONFIG ?= jobs/configs/gemma3-270m_to_270m-layers0-3_cpu.yaml
 PYTEST_ARGS ?= -m "not gpu"
 
 .PHONY: demo test setup clean

@@ -1,6 +1,6 @@
 """Typed configuration: one nested dataclass, filled from YAML, with dotted overrides.
 
-    cfg = load_config("jobs/configs/gemma3-270m_to_tiny_cpu.yaml", ["teacher.batch_size=32"])
+    cfg = load_config("jobs/configs/gemma3-270m_to_270m-layers0-3_cpu.yaml", ["teacher.batch_size=32"])
 
 OmegaConf merges the dataclass defaults, the YAML file and the overrides and checks
 types; each dataclass's `__post_init__` checks values. Every failure is one

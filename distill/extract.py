@@ -1,6 +1,6 @@
 """Teacher extraction: corpus -> teacher records, through Ray Data.
 
-    distill extract --config jobs/configs/gemma3-270m_to_tiny_cpu.yaml records.uri=s3://bucket/run/records
+    distill extract --config jobs/configs/gemma3-270m_to_270m-layers0-3_cpu.yaml records.uri=s3://bucket/run/records
 
 1. Prepare (driver, before any long work): load the tokenizer and task, build the
    answer grammar and output vocabulary, read and filter the corpus, check the output

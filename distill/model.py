@@ -488,8 +488,11 @@ class Student(nn.Module):
             raise ValueError(f"{len(layers)} teacher layers for a student of {self.cfg.n_layers}")
         if self.embed_proj is not None:
             raise ValueError("a pruned copy of the teacher needs the full embedding (student.embed_rank=0)")
-        prefix = "model." if "model.embed_tokens.weight" in teacher else ""
-        embedding = teacher[prefix + "embed_tokens.weight"]  # (V_teacher, D)
+        embed_key = next((k for k in teacher if k.endswith("embed_tokens.weight")), None)
+        if embed_key is None:
+            raise ValueError("the teacher's weights have no embed_tokens.weight")
+        prefix = embed_key[: -len("embed_tokens.weight")]  # "model." (Gemma3ForCausalLM), "model.language_model." (4B-it)
+        embedding = teacher[embed_key]  # (V_teacher, D)
         sources = {"embed.weight": embedding[: self.cfg.input_vocab_size],
                    "norm.weight": teacher[prefix + "norm.weight"],
                    "head.weight": embedding[torch.tensor(output_ids)]}  # (V_out, D): the tied head's rows

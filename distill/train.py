@@ -1,6 +1,6 @@
 """The one training loop: teacher records -> a student, on CPU, one GPU, or many.
 
-    distill train --config jobs/configs/gemma3-270m_to_tiny_cpu.yaml [train.strategy=deepspeed train.workers=2]
+    distill train --config jobs/configs/gemma3-270m_to_270m-layers0-3_cpu.yaml [train.strategy=deepspeed train.workers=2]
 
 `run_training` (the driver) checks the records' manifest against the run's task,
 vocabulary and tokenizer, then hands `train_loop_per_worker` to Ray Train's
@@ -133,17 +133,24 @@ def check_records(manifest: dict, task: Task, vocab_size: int, tok_hash: str, ur
                                    f"{manifest['teacher']['model']!r} of this run")
 
 
-def teacher_weights(cfg: Config, embedding_only: bool = False) -> dict[str, torch.Tensor]:
-    """The teacher's tensors (float32) from its local safetensors files, by transformers name; only its
-    input embedding (`...embed_tokens.weight`) with embedding_only. Empty when not stored locally."""
+def teacher_weights(cfg: Config, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors (float32) of the teacher's language model from its local safetensors files, by transformers
+    name: its input embedding (`...embed_tokens.weight`), and with `layers` also its final norm and those
+    blocks (not the rest, nor a vision tower: a 4B teacher's other weights stay on disk). Empty when the
+    teacher is not stored locally."""
+    import re
+
     from safetensors import safe_open
 
+    blocks = "|".join(str(i) for i in layers or [])
+    wanted = re.compile(r"(^|\.)embed_tokens\.weight$" + (rf"|(^|\.)norm\.weight$|(^|\.)layers\.({blocks})\."
+                                                          if layers else ""))
     path = Path(resolve_teacher_path(cfg.teacher))
     weights = {}
     for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                if not embedding_only or key.endswith("embed_tokens.weight"):
+                if wanted.search(key) and "vision" not in key:
                     weights[key] = f.get_tensor(key).float()
     return weights
 
@@ -234,10 +241,10 @@ class Loop:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             if self.t.teacher_layers is not None:
-                self.model.init_from_teacher_layers(teacher_weights(self.cfg), self.t.teacher_layers,
-                                                    list(self.vocab.ids))
+                self.model.init_from_teacher_layers(teacher_weights(self.cfg, self.t.teacher_layers),
+                                                    self.t.teacher_layers, list(self.vocab.ids))
             elif self.t.init_from_teacher:
-                emb = teacher_weights(self.cfg, embedding_only=True)
+                emb = teacher_weights(self.cfg)
                 if emb:
                     self.model.init_embedding_from_teacher(next(iter(emb.values())))
             return None

@@ -141,7 +141,8 @@ def tiny_config(teacher_dir, uri, *extra):
     from distill.config import load_config
 
     return load_config(None, [f"teacher.model={teacher_dir}", f"records.uri={uri}", "corpus.limit=24",
-                              "records.shard_size=8", "teacher.batch_size=5", "teacher.cpu_threads=1", *extra])
+                              "records.shard_size=8", "teacher.batch_size=5", "teacher.cpu_threads=1",
+                              "teacher.dtype=float32", "train.precision=fp32", *extra])  # the same figures on every CPU
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,7 @@ def test_pipeline_job_on_s3_then_download_and_classify(ray_head, tiny_teacher_di
     logs = ray_head["client"].get_job_logs(job)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "testing" not in logs  # the S3 secret never reaches a log
+    assert "student ->" in logs and "teacher ->" in logs  # the samples, answered by both
     base = f"s3://{BUCKET}/pipeline"
     assert records.load_manifest(f"{base}/records")["rows"] == 40
     listing = storage.list_files(f"{base}/train")

@@ -405,6 +405,11 @@ def test_a_pruned_copy_takes_the_chosen_layers_and_refuses_other_shapes():
     torch.testing.assert_close(student.blocks[1].mlp_post_norm.weight,
                                teacher.model.layers[2].post_feedforward_layernorm.weight)
     assert student.cfg.rope_thetas() == [1e4, 1e6]
+    # a multimodal (4B-it) checkpoint names its language model model.language_model.*
+    multimodal = {k.replace("model.", "model.language_model.", 1): v for k, v in teacher.state_dict().items()}
+    again = build_student(teacher_shaped(teacher, [0, 2]))
+    again.init_from_teacher_layers(multimodal, [0, 2], list(range(37)))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
     for change, message in ((dict(qk_norm=False), "qk_norm"), (dict(d_ff=128), "teacher's sizes"),
                             (dict(n_layers=3, layer_rope_theta=None), "2 teacher layers")):
         other = build_student(teacher_shaped(teacher, [0, 2], **change))

@@ -18,7 +18,8 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
 def tiny_records(tiny_teacher_dir, tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("train-records"))
     run_extraction(load_config(None, [f"teacher.model={tiny_teacher_dir}", f"records.uri={uri}",
-                                      "corpus.limit=40", "records.shard_size=20", "teacher.batch_size=10", "teacher.cpu_threads=1"]))
+                                      "corpus.limit=40", "records.shard_size=20", "teacher.batch_size=10", "teacher.cpu_threads=1",
+                                      "teacher.dtype=float32"]))
     return uri
 
 
@@ -26,7 +27,8 @@ def train_config(tiny_teacher_dir, records_uri, run_dir, *extra):
     return load_config(None, [
         f"teacher.model={tiny_teacher_dir}", f"records.uri={records_uri}", f"train.run_dir={run_dir}",
         "student.preset=tiny", "train.epochs=2", "train.micro_batch_size=8", "train.warmup_steps=2",
-        "train.lr=3e-3", "train.eval_rows=8", "train.init_from_teacher=false", "train.cpu_threads=1", *extra])
+        "train.lr=3e-3", "train.eval_rows=8", "train.init_from_teacher=false", "train.cpu_threads=1",
+        "train.precision=fp32", *extra])  # fp32: the golden losses hold on every CPU (auto is bf16 on AVX512-BF16 ones)
 
 
 def losses(run_dir) -> list[float]:
