@@ -117,7 +117,7 @@ def cmd_eval(args) -> None:
     from distill import records
     from distill.evaluate import evaluate, training_rows
     from distill.inference import load_artifact
-    from distill.train import human_labels_for
+    from distill.train import human_labels_for, split_rows
 
     student = load_artifact(args.model)
     manifest = records.load_manifest(args.records)
@@ -130,15 +130,16 @@ def cmd_eval(args) -> None:
         train_manifest = records.load_manifest(args.train_records)
         if train_manifest["task"] != manifest["task"]:
             raise RecordsError(f"{args.train_records}: records of another task than {args.records}")
-        train_rows = training_rows(records.read_records(args.train_records, train_manifest))
+        train_table = records.read_records(args.train_records, train_manifest)
+        train_rows = training_rows(split_rows(train_table, args.max_train_rows)[0])
         if not train_rows:
             raise RecordsError(f"{args.train_records}: no records in the train split")
     else:
-        train_rows = training_rows(table)
+        train_rows = training_rows(split_rows(table, args.max_train_rows)[0])
     metrics = evaluate(student.model, rows, student.vocab, student.sep_id, student.grammar,
                        manifest["logits_dtype"], student.model.cfg.max_comment_tokens,
                        human_labels=human_labels_for(student.task), train_rows=train_rows or None)
-    print(json.dumps(metrics, indent=2))
+    print("\n".join(format_eval(metrics)) if args.text else json.dumps(metrics, indent=2))
 
 
 def cmd_export(args) -> None:
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
     p.add_argument("--train-records", help="records whose train split the baselines learn from "
                                            "(default: RECORDS' train split, if it has one)")
+    p.add_argument("--max-train-rows", type=int, help="the baselines learn from the first N of those train "
+                                                       "records in id order, as train.max_train_rows")
+    p.add_argument("--text", action="store_true", help="the tables `distill train` prints, not JSON")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a model artifact from a run's latest checkpoint")

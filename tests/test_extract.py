@@ -154,6 +154,11 @@ def test_later_comments_in_the_models_vocabulary_evaluate_the_model(tiny_teacher
     assert main(["eval", model, later_uri, "--split", "all"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 8 and 0 <= metrics["teacher_forced_acc"] <= 1
+    # baselines from the first 3 train records of the earlier set (a learning-curve point), as text
+    assert main(["eval", model, later_uri, "--split", "all", "--train-records", first_records,
+                 "--max-train-rows", "3", "--text"]) == 0
+    text = capsys.readouterr().out
+    assert "held out (n=8)" in text and "baselines learnt from 3 train records" in text
 
     # The problem vocab.from_uri solves: a vocabulary built from the later comments differs, and eval says what to do.
     own = build_output_vocab(p.grammar, p.tokenizer, 525, p.prefix + p.suffix, later_table.column("text").to_pylist())
