@@ -565,6 +565,11 @@ def run_training(cfg: Config):
     manifest = records.load_manifest(uri)
     task = load_task(cfg.task.name)
     cfg = teacher_shaped_student(cfg)
+    if cfg.train.teacher_layers is not None:
+        s = cfg.student
+        print(f"[train] student: a copy of teacher blocks {cfg.train.teacher_layers} (d_model {s.d_model}, "
+              f"{s.n_heads} heads of width {s.head_dim}, d_ff {s.d_ff}); student.preset and sizes are not used "
+              "(train.teacher_layers=null for a student of those)", flush=True)
     tokenizer = load_tokenizer(cfg.teacher)
     check_records(manifest, task, cfg.vocab.size, tokenizer_hash(tokenizer), uri)
     if cfg.student.output_vocab_size != cfg.vocab.size:
