@@ -71,10 +71,17 @@ def ray_head(s3_server):
 
 def submit(head, *args: str) -> str:
     """`ray job submit --no-wait` exactly as a user types it; returns the job id."""
-    out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO), "--no-wait",
-         "--", "python", *args], env=head["env"], capture_output=True, text=True, check=True).stdout
-    return next(line.split("'")[1] for line in out.splitlines() if "submitted successfully" in line)
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO), "--no-wait",
+             "--", "python", *args], env=head["env"], capture_output=True, text=True)
+        # a head under load may not have its job agent up yet: Ray answers "please try again later"
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, f"ray job submit failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return next(line.split("'")[1] for line in done.stdout.splitlines() if "submitted successfully" in line)
 
 
 def wait_for(head, job_id: str, timeout: float = 600) -> str:
