@@ -153,11 +153,16 @@ def teacher_shape(teacher: Teacher) -> dict:
             "prompt_suffix_tokens": len(teacher.suffix_ids)}
 
 
+def shard_batches(shard: dict, batch_size: int) -> tuple[list[int], list[list[list[int]]]]:
+    """(row order, batches of comment ids) of a shard, shortest comments first, as ShardWriter batches them."""
+    order = sorted(range(len(shard["ids"])), key=lambda i: len(shard["comment_ids"][i]))
+    return order, [[shard["comment_ids"][i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
 def bench_answers(teacher: Teacher, student: StudentModel, shard: dict, batch_size: int, repeats: int,
                   device: torch.device, peak: float, bandwidth: float) -> tuple[dict, dict]:
     """(extraction figures, classification figures) from interleaved timed runs over the shard's comments."""
-    order = sorted(range(len(shard["ids"])), key=lambda i: len(shard["comment_ids"][i]))  # as ShardWriter sorts
-    batches = [[shard["comment_ids"][i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    order, batches = shard_batches(shard, batch_size)
     texts = [shard["texts"][i] for i in order]
     passes = 0
 
@@ -308,9 +313,7 @@ def bench_precision(cfg: Config, p, teacher: Teacher, shard: dict, spec: "BenchS
         same = str(next(teacher.model.parameters()).dtype).removeprefix("torch.") == name
         dtypes[name] = teacher if same else load_teacher(dataclasses.replace(cfg.teacher, dtype=name), p.prefix,
                                                          p.suffix, p.grammar, p.vocab, p.tokenizer, device)
-    order = sorted(range(len(shard["ids"])), key=lambda i: len(shard["comment_ids"][i]))
-    B = cfg.teacher.batch_size
-    batches = [[shard["comment_ids"][i] for i in order[s:s + B]] for s in range(0, len(order), B)]
+    order, batches = shard_batches(shard, cfg.teacher.batch_size)
     seconds, answers = {name: [] for name in dtypes}, {}
     for t in dtypes.values():
         t.answer_fast(batches[0][:2])  # warm-up and the prompt-prefix cache
