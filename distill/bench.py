@@ -395,6 +395,9 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
     info = device_info(device)
     cfg = dataclasses.replace(cfg, records=dataclasses.replace(cfg.records, shard_size=spec.comments))
     p = prepare(cfg)
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(
+        cfg.student, input_vocab_size=cfg.student.input_vocab_size or len(p.tokenizer)))
+    p = dataclasses.replace(p, cfg=cfg)
     shard = shard_items(p, [0])[0]  # the first N kept comments, encoded as extraction encodes them
     teacher = load_teacher(cfg.teacher, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer, device)
     student, student_name = bench_student(spec.model, p, device)

@@ -182,9 +182,12 @@ def cmd_model_info(args) -> None:
     import torch
 
     from distill.model import build_student, format_param_overview
+    from distill.teacher import load_tokenizer
     from distill.train import teacher_shaped_student
 
     cfg = teacher_shaped_student(load_config(args.config, args.overrides))
+    if cfg.student.input_vocab_size is None:
+        cfg.student.input_vocab_size = len(load_tokenizer(cfg.teacher))
     with torch.device("meta"):  # count parameters without allocating them
         model = build_student(cfg.student)
     s = cfg.student

@@ -575,9 +575,10 @@ def run_training(cfg: Config):
     if cfg.student.output_vocab_size != cfg.vocab.size:
         raise ConfigError(f"student.output_vocab_size={cfg.student.output_vocab_size}: "
                           f"must equal vocab.size ({cfg.vocab.size})")
-    if cfg.student.input_vocab_size != len(tokenizer):
+    if cfg.student.input_vocab_size not in (None, len(tokenizer)):
         raise ConfigError(f"student.input_vocab_size={cfg.student.input_vocab_size}: "
-                          f"must equal the teacher tokenizer's size ({len(tokenizer)})")
+                          f"must equal the teacher tokenizer's size ({len(tokenizer)}), or be null to take it")
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, input_vocab_size=len(tokenizer)))
     run_dir = cfg.train.run_dir
     storage.check_writable(run_dir)
     stop_file = storage.join(run_dir, STOP_FILE)
