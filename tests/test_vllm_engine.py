@@ -621,3 +621,19 @@ def test_vllm_matches_transformers_teacher(tiny_prepared, tiny_teacher_dir):
         assert b.teacher_ids == a.teacher_ids, f"comment {i}: vLLM {b.teacher_ids}, transformers {a.teacher_ids}"
         # raw logits in both; compared up to a per-step constant, which the KL does not see either
         torch.testing.assert_close(center_logits(b.logits), center_logits(a.logits.cpu()), atol=atol, rtol=0)
+
+
+def test_bench_times_both_engines_on_a_whole_shard_and_counts_agreement(tiny_teacher_dir, tiny_teacher_model,
+                                                                        tmp_path, monkeypatch):
+    from distill.bench import bench_vllm
+
+    cfg = tiny_config(tiny_teacher_dir, str(tmp_path / "records"), "teacher.engine=vllm", "corpus.limit=6")
+    p = prepare(cfg)
+    shard = shard_items(p, [0])[0]
+    monkeypatch.setattr(vllm_engine, "load_vllm_teacher", lambda tcfg, prefix, suffix, grammar, vocab, tokenizer,
+                        max_comment_tokens: VLLMTeacher(FakeLLM(tiny_teacher_model), tokenizer, prefix, suffix,
+                                                        grammar, vocab, SamplingParams))
+    teacher = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab)
+    r = bench_vllm(cfg, p, teacher, shard, repeats=1, device=torch.device("cpu"))
+    assert r["comments"] == r["agree"] == 6 and r["max_logit_diff"] < 2e-3 and r["random_weights"] is False
+    assert r["vllm_comments_per_s"] > 0 and r["transformers_comments_per_s"] > 0
