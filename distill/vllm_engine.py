@@ -333,7 +333,8 @@ def _processor_class():
         try:
             from vllm.v1.sample.logits_processor import LogitsProcessor
         except ImportError:
-            raise RuntimeError(f"teacher.engine=vllm needs vLLM {MIN_VLLM} or later (V1 custom logits processors)") from None
+            raise RuntimeError(f"teacher.engine=vllm needs vLLM {MIN_VLLM} or later (V1 custom logits processors)"
+                               ) from None
         cls = type("AnswerAutomatonLogitsProcessor", (AnswerAutomatonLogitsCore, LogitsProcessor),
                    {"__module__": __name__, "__doc__": AnswerAutomatonLogitsCore.__doc__})
         cls.__qualname__ = "AnswerAutomatonLogitsProcessor"
