@@ -183,11 +183,10 @@ def cmd_model_info(args) -> None:
 
     from distill.model import build_student, format_param_overview
     from distill.teacher import load_tokenizer
-    from distill.train import teacher_shaped_student
+    from distill.train import teacher_shaped_student, with_input_vocab
 
     cfg = teacher_shaped_student(load_config(args.config, args.overrides))
-    if cfg.student.input_vocab_size is None:
-        cfg.student.input_vocab_size = len(load_tokenizer(cfg.teacher))
+    cfg = with_input_vocab(cfg, load_tokenizer(cfg.teacher))
     with torch.device("meta"):  # count parameters without allocating them
         model = build_student(cfg.student)
     s = cfg.student
