@@ -338,6 +338,34 @@ def bench_precision(cfg: Config, p, teacher: Teacher, shard: dict, spec: "BenchS
             "fast_bf16_cpu": cpu_has_fast_bf16() if device.type == "cpu" else None, "training": training}
 
 
+def bench_vllm(cfg: Config, p, teacher: Teacher, shard: dict, repeats: int, device: torch.device) -> dict:
+    """teacher.engine=vllm: the vLLM engine on the same comments, given whole as extraction gives a shard, against
+    the transformers teacher's fast path: comments/s of each, and the answers they agree on. A `random:` teacher
+    runs with vLLM's own dummy weights, so only the speeds compare there; agreement needs a real checkpoint."""
+    from distill.vllm_engine import center_logits, load_vllm_teacher
+
+    engine = load_vllm_teacher(cfg.teacher, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer,
+                               max_comment_tokens=cfg.corpus.max_tokens)
+    comments = shard["comment_ids"]
+    order, batches = shard_batches(shard, cfg.teacher.batch_size)
+    engine.answer(comments[:2])  # warm-up
+    seconds = {"vllm": [], "transformers": []}
+    for _ in range(repeats):
+        took, got = timed(lambda: engine.answer(comments), device)
+        seconds["vllm"].append(took)
+        took, ref = timed(lambda: [a for batch in batches for a in teacher.answer_fast(batch)], device)
+        seconds["transformers"].append(took)
+    ref = [ref[order.index(i)] for i in range(len(comments))]  # back to shard order
+    same = [(a, b) for a, b in zip(got, ref) if a.teacher_ids == b.teacher_ids]
+    rate = {name: len(comments) / statistics.median(v) for name, v in seconds.items()}
+    diff = max((float((center_logits(a.logits) - center_logits(b.logits.cpu())).abs().max()) for a, b in same),
+               default=0.0)  # up to a per-step constant, which the KL does not see either
+    return {"comments": len(comments), "vllm_comments_per_s": rate["vllm"],
+            "transformers_comments_per_s": rate["transformers"],
+            "vllm_over_transformers": rate["vllm"] / rate["transformers"], "agree": len(same), "max_logit_diff": diff,
+            "random_weights": cfg.teacher.model.startswith("random:")}
+
+
 # -----------------------------------------------------------------------------
 # 4. Storage
 
@@ -395,6 +423,9 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
     info = device_info(device)
     cfg = dataclasses.replace(cfg, records=dataclasses.replace(cfg.records, shard_size=spec.comments))
     p = prepare(cfg)
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(
+        cfg.student, input_vocab_size=cfg.student.input_vocab_size or len(p.tokenizer)))
+    p = dataclasses.replace(p, cfg=cfg)
     shard = shard_items(p, [0])[0]  # the first N kept comments, encoded as extraction encodes them
     teacher = load_teacher(cfg.teacher, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer, device)
     student, student_name = bench_student(spec.model, p, device)
@@ -408,7 +439,8 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
             "classification": {"student": student_name, **classification},
             "storage": bench_storage(cfg, p.task, teacher, shard), "config": config_to_dict(cfg),
             "precision": bench_precision(cfg, p, teacher, shard, spec, device, info["peak_flops"])
-            if spec.compare_precision else None}
+            if spec.compare_precision else None,
+            "vllm": bench_vllm(cfg, p, teacher, shard, spec.repeats, device) if cfg.teacher.engine == "vllm" else None}
 
 
 # -----------------------------------------------------------------------------
@@ -477,6 +509,16 @@ def format_bench(r: dict) -> str:
                   *(f"| training {t['preset']}, examples/s | {num(t['fp32_examples_per_s'])} | "
                     f"{num(t['bf16_examples_per_s'])} | {t['bf16_over_fp32']:.2f}x |" for t in q["training"]),
                   "", f"fp32 and bf16 teachers give the same answer on {q['answers_agree']} of {q['comments']} comments."]
+    v = r.get("vllm")
+    if v:
+        lines += ["", f"vLLM against transformers (fast path), {v['comments']} comments"
+                  f"{' (random weights: each engine its own, so only the speeds compare)' if v['random_weights'] else ''}",
+                  "", "| measurement | value |", "|---|---|",
+                  f"| vLLM | {num(v['vllm_comments_per_s'])} comments/s |",
+                  f"| transformers, fast path | {num(v['transformers_comments_per_s'])} comments/s |",
+                  f"| vLLM / transformers | {v['vllm_over_transformers']:.2f}x |",
+                  f"| same answers | {v['agree']} of {v['comments']} (max centred logit difference of those "
+                  f"{v['max_logit_diff']:.2g}) |"]
     return "\n".join(lines) + "\n"
 
 

@@ -182,9 +182,11 @@ def cmd_model_info(args) -> None:
     import torch
 
     from distill.model import build_student, format_param_overview
-    from distill.train import teacher_shaped_student
+    from distill.teacher import load_tokenizer
+    from distill.train import teacher_shaped_student, with_input_vocab
 
     cfg = teacher_shaped_student(load_config(args.config, args.overrides))
+    cfg = with_input_vocab(cfg, load_tokenizer(cfg.teacher))
     with torch.device("meta"):  # count parameters without allocating them
         model = build_student(cfg.student)
     s = cfg.student

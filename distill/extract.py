@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -194,7 +195,9 @@ class ShardWriter:
         grammar = AnswerGrammar(self.task, tokenizer, plan["decoding"]["end_id"])
         load = load_teacher
         if cfg.teacher.engine == "vllm":  # imports vLLM only here
-            from distill.vllm_engine import load_vllm_teacher as load
+            from distill.vllm_engine import load_vllm_teacher
+
+            load = functools.partial(load_vllm_teacher, max_comment_tokens=cfg.corpus.max_tokens)
         self.teacher = load(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
                             OutputVocab.from_dict(plan["vocab"]), tokenizer)
 
@@ -210,7 +213,8 @@ class ShardWriter:
         return out
 
     def answer_shard(self, shard: dict) -> list[dict]:
-        n, bs = len(shard["ids"]), self.cfg.teacher.batch_size
+        n = len(shard["ids"])
+        bs = self.cfg.teacher.batch_size if self.cfg.teacher.engine == "transformers" else n  # vLLM batches itself
         order = sorted(range(n), key=lambda i: len(shard["comment_ids"][i]))  # length-sorted batches pad less
         answers = [None] * n
         for start in range(0, n, bs):

@@ -98,8 +98,9 @@ class StudentConfig:
     embed_rank: Optional[int] = None
     """Input embedding rank R: 0 = a full Embedding(V_in, D); R > 0 = Embedding(V_in, R)
     then Linear(R, D) (null = from the preset)."""
-    input_vocab_size: int = 262144
-    """Input vocabulary: the teacher tokenizer's (Gemma 3: 262,144)."""
+    input_vocab_size: Optional[int] = None
+    """Input vocabulary: the teacher tokenizer's size (Gemma 3: 262,144; its -it models: 262,145);
+    null = take it from the tokenizer when training or a benchmark starts."""
     output_vocab_size: int = 525
     """Output vocabulary: the task's answer tokens plus auxiliary tokens (vocab.size)."""
     max_comment_tokens: int = 25
@@ -153,7 +154,8 @@ class StudentConfig:
                    f"must give one positive base per layer ({self.n_layers}), or be null")
         _check(0 <= self.embed_rank < self.d_model, "embed_rank", self.embed_rank,
                f"must be 0 (full embedding) or between 1 and student.d_model - 1 ({self.d_model - 1})")
-        _check(self.input_vocab_size >= 1, "input_vocab_size", self.input_vocab_size, "must be >= 1")
+        _check(self.input_vocab_size is None or self.input_vocab_size >= 1, "input_vocab_size", self.input_vocab_size,
+               "must be >= 1 or null")
         _check(self.output_vocab_size >= 2, "output_vocab_size", self.output_vocab_size, "must be >= 2")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
@@ -310,6 +312,8 @@ class Student(nn.Module):
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         self.cfg = cfg
+        _check(cfg.input_vocab_size is not None, "input_vocab_size", None,
+               "a student needs the teacher tokenizer's size (training fills it in)")
         r = cfg.embed_rank
         self.embed = nn.Embedding(cfg.input_vocab_size, r if r > 0 else cfg.d_model)
         self.embed_proj = nn.Linear(r, cfg.d_model, bias=False) if r > 0 else None
@@ -418,11 +422,12 @@ class Student(nn.Module):
         """Start the input embedding from the teacher's (V_teacher, D_t) embedding matrix.
 
         Rows past input_vocab_size are dropped (a teacher may pad its matrix beyond the
-        tokenizer's vocabulary). The teacher's embedding is reduced to its top-k principal
-        directions by a truncated SVD, E ~ U_k S_k V_k^T, computed from the D_t x D_t Gram
-        matrix E^T E (exact for the top k, deterministic, memory O(D_t^2); float32 row
-        chunks on the teacher's device, eigh in float64 on the CPU); E V_k = U_k S_k keeps
-        the best rank-k approximation of every inner product between token embeddings.
+        tokenizer's vocabulary); missing ones start as the mean row (`teacher_rows`). The
+        teacher's embedding is reduced to its top-k principal directions by a truncated
+        SVD, E ~ U_k S_k V_k^T, computed from the D_t x D_t Gram matrix E^T E (exact for
+        the top k, deterministic, memory O(D_t^2); float32 row chunks on the teacher's
+        device, eigh in float64 on the CPU); E V_k = U_k S_k keeps the best rank-k
+        approximation of every inner product between token embeddings.
         - R > 0: embed = U_R S_R (V_in, R); embed_proj = sqrt(D / R) * Q with Q a random
           (D, R) matrix with orthonormal columns. The student's residual basis is its own,
           so any isometry works; a random one spreads the R directions over all D channels
@@ -437,10 +442,8 @@ class Student(nn.Module):
         The sqrt(D) multiplier in forward applies on top, as always.
         """
         cfg = self.cfg
-        V, D_t = teacher_embedding.shape
-        if V < cfg.input_vocab_size:
-            raise ValueError(f"teacher embedding has {V} rows, fewer than student.input_vocab_size={cfg.input_vocab_size}")
-        E = teacher_embedding[: cfg.input_vocab_size].detach()  # (V_in, D_t)
+        D_t = teacher_embedding.shape[1]
+        E = teacher_rows(teacher_embedding.detach(), cfg.input_vocab_size)  # (V_in, D_t)
         r, D = cfg.embed_rank, cfg.d_model
         if r > D_t:
             raise ValueError(f"student.embed_rank={r}: larger than the teacher's embedding width {D_t}")
@@ -493,7 +496,7 @@ class Student(nn.Module):
             raise ValueError("the teacher's weights have no embed_tokens.weight")
         prefix = embed_key[: -len("embed_tokens.weight")]  # "model." (Gemma3ForCausalLM), "model.language_model." (4B-it)
         embedding = teacher[embed_key]  # (V_teacher, D)
-        sources = {"embed.weight": embedding[: self.cfg.input_vocab_size],
+        sources = {"embed.weight": teacher_rows(embedding, self.cfg.input_vocab_size),
                    "norm.weight": teacher[prefix + "norm.weight"],
                    "head.weight": embedding[torch.tensor(output_ids)]}  # (V_out, D): the tied head's rows
         for j, i in enumerate(layers):
@@ -511,6 +514,17 @@ class Student(nn.Module):
                 raise ValueError(f"{name}: student shape {tuple(params[name].shape)}, teacher's "
                                  f"{tuple(value.shape)}: the student needs the teacher's sizes")
             params[name].copy_(value)
+
+
+def teacher_rows(embedding: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of a teacher's (V_t, D) input embedding. Ids it has no row for (Gemma 3 1B-it: its
+    tokenizer's <image_soft_token>, id 262,144, past the 262,144 rows) start as the mean row, said in one line."""
+    missing = n - embedding.shape[0]
+    if missing <= 0:
+        return embedding[:n]
+    print(f"[student] the teacher's embedding has {embedding.shape[0]:,} rows for {n:,} tokenizer ids: "
+          f"the last {missing:,} start as its mean row", flush=True)
+    return torch.cat([embedding, embedding.mean(0, keepdim=True).expand(missing, -1)])  # (n, D)
 
 
 def build_student(cfg: StudentConfig) -> Student:

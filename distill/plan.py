@@ -209,11 +209,16 @@ class Rates:
     source: str
 
 
+GEMMA3_TOKENIZER_SIZE = 262144
+"""A student's input vocabulary where its config leaves it to the tokenizer (the -it tokenizers have one more)."""
+
+
 def student_params(cfg: StudentConfig) -> int:
     """All parameters, the input embedding table included (Chinchilla counts them)."""
     from distill.bench import non_embedding_params  # here: bench.py imports this module
 
-    return non_embedding_params(cfg) + cfg.input_vocab_size * (cfg.embed_rank or cfg.d_model)
+    vocab = cfg.input_vocab_size or GEMMA3_TOKENIZER_SIZE
+    return non_embedding_params(cfg) + vocab * (cfg.embed_rank or cfg.d_model)
 
 
 def model_rates(teacher: TeacherSpec, student: StudentConfig, gpu: GPU, w: Workload, eff: Efficiencies) -> Rates:

@@ -38,11 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import transformers
+from packaging.version import Version
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import EMBEDDED_TEACHER, TeacherConfig
 from distill.constrained import AnswerAutomaton, AnswerGrammar
 from distill.vocab import OutputVocab
+
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+"""The key/value cache's name as a forward argument and output field: transformers 5.24 renamed
+past_key_values to cache (the old name goes in 5.40)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -200,7 +206,9 @@ class Teacher:
         self.vocab_ids = torch.tensor(vocab.ids, device=self.device)  # (V,) teacher ids of the output vocabulary
         self.table = self.automaton.table.to(self.device)  # (S, V) next state or -1
         self.head = model.get_output_embeddings().weight[self.vocab_ids].detach()  # (V, H) output-vocab rows only
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        text_config = model.config.get_text_config()  # a multimodal Gemma 3 (4B-it) keeps these on its text config
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.window = getattr(text_config, "sliding_window", None)
         self.fast = fast
         self._prefix_cache = None
 
@@ -215,10 +223,9 @@ class Teacher:
     def answer(self, comments_ids: list[list[int]]) -> list[Answer]:
         """Greedy constrained answers with raw logits over the output vocabulary at every step."""
         longest = len(self.prompt_ids(max(comments_ids, key=len))) + self.automaton.max_steps
-        window = getattr(self.model.config, "sliding_window", None)
         # The fast path pads between the cached prefix and the comment; a sliding window counts those pads,
         # so it is exact only while whole sequences fit in the window (Gemma 3: 512 or 1024 tokens).
-        if self.fast and (window is None or longest <= window):
+        if self.fast and (self.window is None or longest <= self.window):
             return self.answer_fast(comments_ids)
         return self.answer_plain(comments_ids)
 
@@ -238,7 +245,7 @@ class Teacher:
 
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        cache, next_pos = out.past_key_values, positions[:, -1] + 1
+        cache, next_pos = getattr(out, CACHE), positions[:, -1] + 1
         states = torch.zeros(B, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         steps_logits, steps_choice = [], []
@@ -255,8 +262,8 @@ class Teacher:
             token = torch.where(done, pad, self.vocab_ids[choice])  # (B,) teacher ids fed back
             attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=self.device)], 1)
             out = self.model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, next_pos = out.past_key_values, next_pos + 1
+                             use_cache=True, **{CACHE: cache})
+            cache, next_pos = getattr(out, CACHE), next_pos + 1
 
         logits = torch.stack(steps_logits, 1).cpu()  # (B, steps, V)
         choices = torch.stack(steps_choice, 1).cpu()  # (B, steps), -1 after the end
@@ -283,7 +290,7 @@ class Teacher:
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             ids = torch.tensor([bos + self.prefix_ids], device=self.device)
             out = self.model.get_decoder()(input_ids=ids, use_cache=True)
-            self._prefix_cache = (out.past_key_values, ids.shape[1])
+            self._prefix_cache = (getattr(out, CACHE), ids.shape[1])
         cache, length = self._prefix_cache
         cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(batch_size)
@@ -327,8 +334,8 @@ class Teacher:
                 pos[i, L - len(f):] = torch.arange(next_pos[i], next_pos[i] + len(f))
             attention = torch.cat([attention, mask.to(self.device)], 1)
             out = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=attention,
-                                           position_ids=pos.to(self.device), past_key_values=cache, use_cache=True)
-            cache, hidden = out.past_key_values, out.last_hidden_state  # hidden: (B, L, H)
+                                           position_ids=pos.to(self.device), use_cache=True, **{CACHE: cache})
+            cache, hidden = getattr(out, CACHE), out.last_hidden_state  # hidden: (B, L, H)
             for i, f in enumerate(feeds):
                 if not f:
                     continue
@@ -349,6 +356,23 @@ class Teacher:
         return [Answer([self.vocab.ids[j] for j in a], a, torch.stack(s)) for a, s in zip(answers, steps)]
 
 
+LANGUAGE_MODEL_KEYS = {r"^(?:language_model\.model|model\.language_model)\.": "model.",
+                       r"^language_model\.lm_head\.": "lm_head."}
+"""Where a multimodal Gemma 3 checkpoint keeps its language model (as published; as transformers 5 names it in
+memory), and where a text-only Gemma3ForCausalLM keeps it."""
+
+
+def load_language_model(path: str, revision: str | None, dtype: torch.dtype):
+    """The checkpoint's causal LM. Of a multimodal checkpoint (google/gemma-3-4b-it) only the language model,
+    as a text-only causal LM: the vision tower and projector (~420M parameters) stay on disk."""
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    text_config = config.get_text_config()
+    if text_config is config:
+        return AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, revision=revision, config=text_config, dtype=dtype,
+                                                key_mapping=LANGUAGE_MODEL_KEYS)
+
+
 def load_teacher(cfg: TeacherConfig, prompt_prefix: str, prompt_suffix: str, grammar: AnswerGrammar,
                  vocab: OutputVocab, tokenizer=None, device: torch.device | None = None) -> Teacher:
     device = device or pick_device()
@@ -359,8 +383,7 @@ def load_teacher(cfg: TeacherConfig, prompt_prefix: str, prompt_suffix: str, gra
         with torch.device(device):  # initialise on the GPU: 4B random numbers take seconds there
             model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(cfg, device))
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(cfg), revision=cfg.revision,
-                                                     dtype=pick_dtype(cfg, device)).to(device)
+        model = load_language_model(resolve_teacher_path(cfg), cfg.revision, pick_dtype(cfg, device)).to(device)
     tokenizer = tokenizer or load_tokenizer(cfg)
     print(f"[teacher] {cfg.model} on {device} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
           f"loaded in {time.perf_counter() - start:.1f}s)", flush=True)

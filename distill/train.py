@@ -179,6 +179,14 @@ def teacher_shaped_student(cfg: Config) -> Config:
     return dataclasses.replace(cfg, student=student)
 
 
+def with_input_vocab(cfg: Config, tokenizer) -> Config:
+    """cfg with student.input_vocab_size = the teacher tokenizer's size where null; another size is refused."""
+    if cfg.student.input_vocab_size not in (None, len(tokenizer)):
+        raise ConfigError(f"student.input_vocab_size={cfg.student.input_vocab_size}: "
+                          f"must equal the teacher tokenizer's size ({len(tokenizer)}), or be null to take it")
+    return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, input_vocab_size=len(tokenizer)))
+
+
 # -----------------------------------------------------------------------------
 # The loop each Ray Train worker runs
 
@@ -575,9 +583,7 @@ def run_training(cfg: Config):
     if cfg.student.output_vocab_size != cfg.vocab.size:
         raise ConfigError(f"student.output_vocab_size={cfg.student.output_vocab_size}: "
                           f"must equal vocab.size ({cfg.vocab.size})")
-    if cfg.student.input_vocab_size != len(tokenizer):
-        raise ConfigError(f"student.input_vocab_size={cfg.student.input_vocab_size}: "
-                          f"must equal the teacher tokenizer's size ({len(tokenizer)})")
+    cfg = with_input_vocab(cfg, tokenizer)
     run_dir = cfg.train.run_dir
     storage.check_writable(run_dir)
     stop_file = storage.join(run_dir, STOP_FILE)
@@ -639,10 +645,11 @@ def finish_run(cfg: Config, result) -> dict:
         return {"complete": False, "step": state["step"], "total_steps": state["total_steps"]}
 
     manifest = records.load_manifest(cfg.records.uri)
+    tokenizer = load_tokenizer(cfg.teacher)
+    cfg = with_input_vocab(cfg, tokenizer)
     model = build_student(cfg.student)
     model.load_state_dict(weights)
     task, vocab = Task.from_dict(manifest["task"]), OutputVocab.from_dict(manifest["vocab"])
-    tokenizer = load_tokenizer(cfg.teacher)
     sep_id = manifest["decoding"]["end_id"]
     model_uri = storage.join(run_dir, "model")
     save_artifact(model_uri, model, task, vocab, tokenizer, sep_id,

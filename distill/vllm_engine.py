@@ -78,12 +78,22 @@ stop_token_ids=[end id], logprobs=V, detokenize=False, extra_args=...)`; the ret
 `CompletionOutput.token_ids` include the stop token (vllm/v1/engine/detokenizer.py puts
 the skipped stop id back) and `logprobs` has one position per token.
 
-Needs vLLM's V1 engine with custom logits processors and `logprobs_mode` (0.11 or
-later is the intent; no version was installed and tried); speculative decoding and the
-V2 model runner (VLLM_USE_V2_MODEL_RUNNER) are not supported; tensor
-parallel size is 1 (one engine per Ray actor, one GPU each). Cost, not measured: top-k
-of 525 over 262,144 columns per step on the GPU, and vLLM builds 526 Python `Logprob`
-objects per generated token (flat lists where `SamplingParams.flat_logprobs` exists).
+SUPPORTED VLLM VERSIONS: 0.13 and later, on the V1 model runner. From 0.31 vLLM picks its
+V2 model runner by default (`VllmConfig.use_v2_model_runner` in vllm/config/vllm.py), whose
+logits processors are another class (vllm/v1/worker/gpu/sample/logits_processor.py), so
+`LLM(...)` refused ours; the env var VLLM_USE_V2_MODEL_RUNNER, when set, decides the runner
+verbatim, so `load_vllm_teacher` sets it to 0 (and refuses in one line where it is set to 1,
+or where the engine still reports the V2 runner). Before 0.13 async scheduling handed the
+processors -1 placeholders for the ids of the last step, so older versions are refused.
+Speculative decoding is not supported; tensor parallel size is 1 (one engine per Ray actor,
+one GPU each). `max_model_len` is the task's longest request (BOS + prompt + the longest
+comment + the longest answer), not the model's 131,072 tokens, so the KV cache reserved is
+what the job uses. A `random:` teacher runs as the published architecture's config with
+vLLM's dummy weights (`load_format="dummy"`): random like the manifest says, but not the
+transformers engine's random weights, so the two engines agree only on a real checkpoint.
+Cost, not measured: top-k of 525 over 262,144 columns per step on the GPU, and vLLM builds
+526 Python `Logprob` objects per generated token (flat lists where
+`SamplingParams.flat_logprobs` exists).
 """
 
 from __future__ import annotations
@@ -91,19 +101,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from packaging.version import Version
 
 from distill.constrained import AnswerAutomaton, AnswerGrammar
-from distill.teacher import Answer, Teacher
+from distill.teacher import (RANDOM_PREFIX, Answer, Teacher, cache_root, gemma3_config, load_tokenizer,
+                             resolve_teacher_path)
 from distill.vocab import OutputVocab
 
 logger = logging.getLogger(__name__)
 
 VLLM_MISSING = "teacher.engine=vllm needs vLLM: pip install vllm (GPU machines only)"
+MIN_VLLM = "0.13"
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+"""Set, it decides vLLM's model runner (1 = V2, 0 = V1); our logits processor needs the V1 runner."""
 EXTRA_ARGS_KEY = "distill_answer_automaton"
 """The key of `SamplingParams.extra_args` that carries a request's automaton spec."""
 PROCESSOR_FQCN = "distill.vllm_engine:AnswerAutomatonLogitsProcessor"
@@ -198,15 +214,17 @@ class _Row:
     spec: CompiledSpec
     output: Sequence[int]  # vLLM's live list of the request's generated ids
     state: int = 0
-    consumed: int = 0
+    walked: list[int] = field(default_factory=list)  # the ids the state was walked over
 
     def advance(self) -> int:
         """Walk the automaton over the ids generated since the last call; the current state, -1 once broken."""
         out = self.output
-        while self.consumed < len(out) and self.state not in (self.spec.final, -1):
-            token = int(out[self.consumed])
+        if list(out[:len(self.walked)]) != self.walked:  # vLLM shortened or rewrote the list in place: walk it again
+            self.state, self.walked = 0, []
+        while len(self.walked) < len(out) and self.state not in (self.spec.final, -1):
+            token = int(out[len(self.walked)])
             self.state = self.spec.step(self.state, token)
-            self.consumed += 1
+            self.walked.append(token)
             if self.state == -1:
                 why = ("an async-scheduling placeholder: this vLLM gave the processor no real output ids"
                        if token == -1 else "the automaton does not allow it")
@@ -237,6 +255,7 @@ class AnswerAutomatonLogitsCore:
 
     def __init__(self, vllm_config=None, device=None, is_pin_memory: bool = False):
         self.rows: dict[int, _Row] = {}  # persistent-batch index -> row state
+        self.pin_memory = is_pin_memory  # vLLM says whether page-locked host memory is available
         self._compiled: dict[str, CompiledSpec] = {}
 
     @classmethod
@@ -291,8 +310,9 @@ class AnswerAutomatonLogitsCore:
             groups[id(row.spec)][2].append(state)
         for spec, indices, states in groups.values():
             vocab_ids, allowed_table = spec.on(logits.device)
-            r = torch.tensor(indices, dtype=torch.long, device=logits.device)
-            allowed = allowed_table[torch.tensor(states, dtype=torch.long, device=logits.device)]  # (R, V)
+            host = torch.tensor([indices, states], dtype=torch.long, pin_memory=self.pin_memory)  # (2, R)
+            r, state = host.to(logits.device, non_blocking=self.pin_memory)  # one copy per step, async when pinned
+            allowed = allowed_table[state]  # (R, V)
             sub = logits[r[:, None], vocab_ids[None, :]]  # (R, V) raw logits of the output vocabulary
             span = sub.amax(-1) - sub.amin(-1)  # (R,)
             new = torch.where(allowed, sub, sub - self.SHIFT)
@@ -313,7 +333,8 @@ def _processor_class():
         try:
             from vllm.v1.sample.logits_processor import LogitsProcessor
         except ImportError:
-            raise RuntimeError("teacher.engine=vllm needs vLLM 0.11 or later (V1 custom logits processors)") from None
+            raise RuntimeError(f"teacher.engine=vllm needs vLLM {MIN_VLLM} or later (V1 custom logits processors)"
+                               ) from None
         cls = type("AnswerAutomatonLogitsProcessor", (AnswerAutomatonLogitsCore, LogitsProcessor),
                    {"__module__": __name__, "__doc__": AnswerAutomatonLogitsCore.__doc__})
         cls.__qualname__ = "AnswerAutomatonLogitsProcessor"
@@ -420,11 +441,35 @@ def sampling_kwargs(spec: dict, vocab_size: int, max_steps: int, end_id: int) ->
                 extra_args={EXTRA_ARGS_KEY: spec})
 
 
-def engine_kwargs(cfg, vocab_size: int) -> dict:
-    """`vllm.LLM(...)` arguments besides the model: our processor, processed logits, room for V logprobs."""
+def engine_kwargs(cfg, vocab_size: int, max_model_len: int) -> dict:
+    """`vllm.LLM(...)` arguments besides the model: our processor, processed logits, room for V logprobs,
+    a KV cache sized for the task's longest request; dummy weights for a `random:` teacher."""
     return dict(logits_processors=[PROCESSOR_FQCN], logprobs_mode="processed_logits", max_logprobs=vocab_size,
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tensor_parallel_size=1,
-                dtype=cfg.dtype, seed=0)  # vLLM takes the same dtype names
+                dtype=cfg.dtype, seed=0,  # vLLM takes the same dtype names
+                max_model_len=max_model_len, load_format="dummy" if cfg.model.startswith(RANDOM_PREFIX) else "auto")
+
+
+def check_vllm(version: str) -> None:
+    """One line where this vLLM cannot run our processor: too old, or told to use its V2 model runner."""
+    if Version(version) < Version(MIN_VLLM):
+        raise RuntimeError(f"teacher.engine=vllm needs vLLM {MIN_VLLM} or later (this is {version}): "
+                           "older ones give logits processors placeholder ids under async scheduling")
+    if os.environ.get(RUNNER_ENV, "0") not in ("0", "false", "False"):
+        raise RuntimeError(f"teacher.engine=vllm needs vLLM's V1 model runner: unset {RUNNER_ENV} "
+                           f"(it is {os.environ[RUNNER_ENV]!r}); its V2 runner does not take our logits processor")
+
+
+def random_teacher_dir(cfg) -> str:
+    """For a `random:` teacher, a model directory vLLM loads with dummy weights: the published config
+    (`distill.teacher.GEMMA3_ARCHITECTURES`) and the embedded tokenizer, no weights."""
+    name = cfg.model[len(RANDOM_PREFIX):]
+    config = gemma3_config(name)
+    config.architectures, config.dtype = ["Gemma3ForCausalLM"], "bfloat16"  # as the published config.json
+    target = cache_root(cfg) / f"random-{name}"
+    config.save_pretrained(target)
+    load_tokenizer(cfg).save_pretrained(target)
+    return str(target)
 
 
 class VLLMTeacher:
@@ -452,6 +497,10 @@ class VLLMTeacher:
 
     prompt_ids = Teacher.prompt_ids  # BOS + prompt prefix + comment + prompt suffix: the same ids
 
+    def max_model_len(self, max_comment_tokens: int) -> int:
+        """The longest request's tokens: BOS + prompt prefix + comment + prompt suffix + answer."""
+        return 1 + len(self.prefix_ids) + max_comment_tokens + len(self.suffix_ids) + self.automaton.max_steps
+
     def answer(self, comments_ids: list[list[int]]) -> list[Answer]:
         """Greedy constrained answers with raw logits over the output vocabulary at every step."""
         prompts = [{"prompt_token_ids": self.prompt_ids(c)} for c in comments_ids]
@@ -468,18 +517,24 @@ class VLLMTeacher:
 
 
 def load_vllm_teacher(cfg, prompt_prefix: str, prompt_suffix: str, grammar: AnswerGrammar, vocab: OutputVocab,
-                      tokenizer=None, device=None) -> VLLMTeacher:
-    """`distill.teacher.load_teacher`, with vLLM as the engine (`teacher.engine=vllm`)."""
+                      tokenizer=None, device=None, max_comment_tokens: int = 25) -> VLLMTeacher:
+    """`distill.teacher.load_teacher`, with vLLM as the engine (`teacher.engine=vllm`); `max_comment_tokens`
+    (corpus.max_tokens) sizes the engine's `max_model_len`."""
     import time
 
-    from distill.teacher import load_tokenizer, resolve_teacher_path
-
     vllm = import_vllm()
+    check_vllm(vllm.__version__)
+    os.environ[RUNNER_ENV] = "0"  # vLLM 0.31+ would pick its V2 runner, which refuses our processor
     _processor_class()  # a clear error now, not deep inside the engine process
     start = time.perf_counter()
-    path = resolve_teacher_path(cfg)
+    path = random_teacher_dir(cfg) if cfg.model.startswith(RANDOM_PREFIX) else resolve_teacher_path(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg)
-    llm = vllm.LLM(model=path, tokenizer=path, revision=cfg.revision, **engine_kwargs(cfg, len(vocab)))
-    print(f"[teacher] {cfg.model} on vLLM {getattr(vllm, '__version__', '?')} "
+    teacher = VLLMTeacher(None, tokenizer, prompt_prefix, prompt_suffix, grammar, vocab, vllm.SamplingParams)
+    teacher.llm = vllm.LLM(model=path, tokenizer=path, revision=cfg.revision,
+                           **engine_kwargs(cfg, len(vocab), teacher.max_model_len(max_comment_tokens)))
+    if getattr(teacher.llm.llm_engine.vllm_config, "use_v2_model_runner", False):
+        raise RuntimeError(f"teacher.engine=vllm: vLLM {vllm.__version__} runs its V2 model runner despite "
+                           f"{RUNNER_ENV}=0; our logits processor needs the V1 runner")
+    print(f"[teacher] {cfg.model} on vLLM {vllm.__version__}, V1 model runner "
           f"(loaded in {time.perf_counter() - start:.1f}s)", flush=True)
-    return VLLMTeacher(llm, tokenizer, prompt_prefix, prompt_suffix, grammar, vocab, vllm.SamplingParams)
+    return teacher

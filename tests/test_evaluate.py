@@ -156,7 +156,7 @@ def test_exact_values_for_a_known_student(task, grammar, vocab, gemma_tokenizer)
 def test_training_to_copy_the_teacher_improves_the_metrics(task, grammar, vocab, gemma_tokenizer):
     rows = make_rows(EXAMPLES[:4], grammar, vocab, gemma_tokenizer)
     torch.manual_seed(0)
-    model = build_student(StudentConfig(preset="tiny", output_vocab_size=len(vocab)))
+    model = build_student(StudentConfig(preset="tiny", input_vocab_size=262144, output_vocab_size=len(vocab)))
 
     def metrics():
         return evaluate(model, rows, vocab, grammar.end_id, grammar, DTYPE, MAX_COMMENT)

@@ -129,7 +129,7 @@ def first_records(tiny_teacher_dir, tmp_path_factory):
 def save_student(uri: str, task: Task, vocab: OutputVocab, tokenizer, end_id: int) -> str:
     """A tiny random student artifact over `vocab`: a stand-in for a model trained on records in it."""
     torch.manual_seed(0)
-    model = build_student(StudentConfig(preset="tiny", output_vocab_size=len(vocab))).eval()
+    model = build_student(StudentConfig(preset="tiny", input_vocab_size=262144, output_vocab_size=len(vocab))).eval()
     save_artifact(uri, model, task, vocab, tokenizer, end_id)
     return uri
 

@@ -44,7 +44,7 @@ def automaton(grammar, vocab):
 def random_student(vocab, seed: int, sharpness: float = 1.0):
     """A tiny random student; `sharpness` scales the output head, so argmaxes vary from token to token."""
     torch.manual_seed(seed)
-    model = build_student(StudentConfig(preset="tiny", output_vocab_size=len(vocab))).eval()
+    model = build_student(StudentConfig(preset="tiny", input_vocab_size=262144, output_vocab_size=len(vocab))).eval()
     with torch.no_grad():
         model.head.weight.mul_(sharpness)
     return model

@@ -112,7 +112,7 @@ def test_attention_matches_naive_softmax_attention():
 
 def test_forward_shape_and_context_limit():
     torch.manual_seed(0)
-    model = build_student(StudentConfig())  # the real tiny preset: 262,144 input tokens
+    model = build_student(StudentConfig(input_vocab_size=262144))  # the real tiny preset, Gemma 3 tokenizer
     ids = torch.randint(0, 262144, (3, model.cfg.context))
     logits = model(ids)
     assert logits.shape == (3, 75, 525) and logits.dtype == torch.float32
@@ -210,14 +210,14 @@ def test_param_overview_sums_to_the_real_count():
 @pytest.mark.parametrize("preset,millions", [("50m", 50), ("200m", 200), ("537m", 537)])
 def test_preset_totals_are_near_their_names(preset, millions):
     with torch.device("meta"):  # counts without allocating
-        model = Student(StudentConfig(preset=preset))
+        model = Student(StudentConfig(preset=preset, input_vocab_size=262144))
     overview = model.param_overview()
     assert overview["total"] == sum(p.numel() for p in model.parameters())
     assert abs(overview["total"] - millions * 1e6) <= 0.1 * millions * 1e6, format_param_overview(overview)
 
 
 def test_537m_is_the_original_student():
-    cfg = StudentConfig(preset="537m")
+    cfg = StudentConfig(preset="537m", input_vocab_size=262144)
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.embed_rank) == (1024, 16, 16, 0)
     assert cfg.input_vocab_size * cfg.d_model == 268_435_456 and cfg.context == 75
 
@@ -311,10 +311,18 @@ def test_teacher_embedding_full(d_teacher):
 
 def test_teacher_embedding_rejects_bad_shapes():
     model = build_student(StudentConfig(**SMALL))
-    with pytest.raises(ValueError, match="rows"):
-        model.init_embedding_from_teacher(torch.randn(999, 40))
     with pytest.raises(ValueError, match="embed_rank"):
         model.init_embedding_from_teacher(torch.randn(1000, 8))  # rank 16 > width 8
+
+
+def test_ids_the_teacher_has_no_row_for_start_as_its_mean_row(capsys):
+    """Gemma 3 1B-it: 262,145 tokenizer ids, 262,144 embedding rows."""
+    model = build_student(StudentConfig(**SMALL))  # 1,000 input ids
+    model.init_embedding_from_teacher(torch.randn(999, 40))
+    assert capsys.readouterr().out == ("[student] the teacher's embedding has 999 rows for 1,000 tokenizer ids: "
+                                       "the last 1 start as its mean row\n")
+    table = model.embed.weight  # (1000, R): a linear map of the teacher's rows, so the mean maps to the mean
+    torch.testing.assert_close(table[999], table[:999].mean(0), atol=1e-6, rtol=1e-4)
 
 
 def test_teacher_embedding_trains_and_predicts():
@@ -330,7 +338,7 @@ def test_teacher_embedding_trains_and_predicts():
 
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
     torch.manual_seed(0)
-    model = build_student(StudentConfig())  # the tiny preset as shipped
+    model = build_student(StudentConfig(input_vocab_size=262144))  # the tiny preset as shipped
     ids = torch.randint(0, 262144, (4, 30))
     targets = torch.randint(0, 525, (4, 30))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -38,8 +38,8 @@ def test_eight_gpus_take_an_eighth_of_the_time_at_the_same_cost():
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_chinchilla_trains_on_20_tokens_per_parameter(preset):
     with torch.device("meta"):
-        total = build_student(StudentConfig(preset=preset)).param_overview()["total"]
-    assert student_params(StudentConfig(preset=preset)) == total
+        total = build_student(StudentConfig(preset=preset, input_vocab_size=262144)).param_overview()["total"]
+    assert student_params(StudentConfig(preset=preset, input_vocab_size=262144)) == total
     plan = plan_for(PlanRequest(student=preset, chinchilla=True))
     assert plan.train_tokens == pytest.approx(20 * total)
     assert plan.train_examples == pytest.approx(20 * total / 26)  # 26 answer tokens per example

@@ -274,6 +274,24 @@ def test_processor_follows_removed_added_and_moved_rows():
     assert not proc.rows
 
 
+def test_processor_walks_an_output_list_shortened_in_place_again():
+    automaton, vocab = small_automaton()
+    proc = AnswerAutomatonLogitsCore()
+    out = [10, 12]  # state 3: only 13 allowed
+    proc.update_state(BatchUpdate(1, [], [(0, small_params(automaton_spec(automaton, vocab)), [], out)], []))
+    raw = torch.zeros(1, 20)
+    assert int(proc.apply(raw.clone())[0].argmax()) == 13
+    del out[1:]  # vLLM discarded the last id: state 1, 11 and 12 allowed
+    raw[0, 11] = 1.0
+    assert int(proc.apply(raw.clone())[0].argmax()) == 11
+    out.append(11)  # and wrote another one in its place: state 2, only 15 allowed
+    out.append(15)
+    del out[2:]
+    assert int(proc.apply(raw.clone())[0].argmax()) == 15
+    out[1] = 12  # rewritten in place at the same length: state 3 again
+    assert int(proc.apply(raw.clone())[0].argmax()) == 13
+
+
 def test_processor_refuses_rows_it_cannot_follow(caplog):
     automaton, vocab = small_automaton()
     spec = automaton_spec(automaton, vocab)
@@ -395,9 +413,12 @@ def test_request_carries_the_automaton_and_asks_for_every_output_vocab_value():
         assert p.flat_logprobs is flat and p.detokenize is False
         assert p.extra_args[vllm_engine.EXTRA_ARGS_KEY] == automaton_spec(automaton, vocab)
         assert teacher.prompt_ids([50, 51]) == [2, 97, 98, 50, 51, 99]
-    kwargs = vllm_engine.engine_kwargs(load_config(None, ["teacher.engine=vllm"]).teacher, 525)
+    kwargs = vllm_engine.engine_kwargs(load_config(None, ["teacher.engine=vllm"]).teacher, 525, 900)
     assert kwargs["logits_processors"] == [vllm_engine.PROCESSOR_FQCN]
     assert (kwargs["logprobs_mode"], kwargs["max_logprobs"], kwargs["dtype"]) == ("processed_logits", 525, "auto")
+    assert (kwargs["max_model_len"], kwargs["load_format"]) == (900, "auto")
+    random = load_config(None, ["teacher.engine=vllm", "teacher.model=random:gemma3-4b"]).teacher
+    assert vllm_engine.engine_kwargs(random, 525, 900)["load_format"] == "dummy"  # random weights, as the manifest says
 
 
 def test_without_vllm_the_engine_says_how_to_get_it(monkeypatch):
@@ -457,6 +478,69 @@ def test_config_engine_field():
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
 
 
+# --- building the engine: versions, runner, model length, random teachers ------------------
+
+
+def fake_vllm(monkeypatch, version: str, v2_runner: bool = False) -> dict:
+    """A `vllm` module whose LLM records its arguments and reports the model runner it would use."""
+    built = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            built.update(kwargs, runner_env=os.environ.get(vllm_engine.RUNNER_ENV))
+            self.llm_engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(use_v2_model_runner=v2_runner))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=version, LLM=LLM,
+                                                                   SamplingParams=SamplingParams))
+    monkeypatch.setattr(vllm_engine, "_processor_class", lambda: None)
+    monkeypatch.delenv(vllm_engine.RUNNER_ENV, raising=False)
+    return built
+
+
+def test_engine_runs_on_the_v1_runner_with_the_tasks_model_length(tiny_prepared, tiny_teacher_dir, monkeypatch):
+    p = tiny_prepared
+    built = fake_vllm(monkeypatch, "0.33.1")
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "teacher.engine=vllm"]).teacher
+    teacher = vllm_engine.load_vllm_teacher(cfg, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer,
+                                            max_comment_tokens=25)
+    assert built["runner_env"] == "0" and built["model"] == tiny_teacher_dir and built["load_format"] == "auto"
+    longest = teacher.prompt_ids([0] * 25) + [0] * teacher.automaton.max_steps
+    assert built["max_model_len"] == len(longest) < 2048  # not the model's 131,072 positions
+
+
+@pytest.mark.parametrize("version,env,v2,words", [
+    ("0.12.0", None, False, "vLLM 0.13 or later (this is 0.12.0)"),
+    ("0.33.1", "1", False, "unset VLLM_USE_V2_MODEL_RUNNER"),
+    ("0.33.1", None, True, "runs its V2 model runner"),
+])
+def test_an_engine_that_cannot_run_the_processor_is_refused_in_one_line(tiny_prepared, tiny_teacher_dir,
+                                                                         monkeypatch, version, env, v2, words):
+    p = tiny_prepared
+    fake_vllm(monkeypatch, version, v2_runner=v2)
+    if env is not None:
+        monkeypatch.setenv(vllm_engine.RUNNER_ENV, env)
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "teacher.engine=vllm"]).teacher
+    with pytest.raises(RuntimeError) as e:
+        vllm_engine.load_vllm_teacher(cfg, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_random_teacher_is_the_published_config_with_dummy_weights(tiny_prepared, gemma_tokenizer, tmp_path,
+                                                                      monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = tiny_prepared
+    built = fake_vllm(monkeypatch, "0.33.1")
+    monkeypatch.setattr(vllm_engine, "load_tokenizer", lambda cfg: gemma_tokenizer)  # the embedded teacher's
+    cfg = load_config(None, ["teacher.model=random:gemma3-4b", "teacher.engine=vllm",
+                             f"teacher.cache_dir={tmp_path}"]).teacher
+    vllm_engine.load_vllm_teacher(cfg, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer)
+    assert built["load_format"] == "dummy" and built["model"] == str(tmp_path / "random-gemma3-4b")
+    config = AutoConfig.from_pretrained(built["model"])
+    assert config.architectures == ["Gemma3ForCausalLM"] and config.hidden_size == 2560 and config.vocab_size == 262208
+    assert len(AutoTokenizer.from_pretrained(built["model"])) == len(gemma_tokenizer)
+
+
 # --- the simulated engine against the transformers teacher --------------------------------
 
 
@@ -485,15 +569,21 @@ def test_extraction_actor_uses_the_vllm_engine_and_writes_the_same_rows(tiny_tea
 
     built = {}
 
-    def fake_load(tcfg, prefix, suffix, grammar, vocab, tokenizer=None):
-        built["cfg"] = tcfg
-        return VLLMTeacher(FakeLLM(tiny_teacher_model), tokenizer, prefix, suffix, grammar, vocab, SamplingParams)
+    class CountingLLM(FakeLLM):
+        def generate(self, prompts, params, use_tqdm=False):
+            built.setdefault("prompts_per_call", []).append(len(prompts))
+            return super().generate(prompts, params, use_tqdm)
+
+    def fake_load(tcfg, prefix, suffix, grammar, vocab, tokenizer=None, max_comment_tokens=None):
+        built["cfg"], built["max_comment_tokens"] = tcfg, max_comment_tokens
+        return VLLMTeacher(CountingLLM(tiny_teacher_model), tokenizer, prefix, suffix, grammar, vocab, SamplingParams)
 
     monkeypatch.setattr(vllm_engine, "load_vllm_teacher", fake_load)
     cfg_vllm = tiny_config(tiny_teacher_dir, str(tmp_path / "records"), "teacher.engine=vllm")
     rows = ShardWriter(cfg_vllm, threads=1).answer_shard(shard)
     torch.set_num_threads(threads)  # ShardWriter set this process's torch threads
-    assert built["cfg"].engine == "vllm"
+    assert built["cfg"].engine == "vllm" and built["max_comment_tokens"] == cfg.corpus.max_tokens
+    assert built["prompts_per_call"] == [len(shard["ids"])]  # the whole shard in one generate call: vLLM batches
     assert [r["answer_ids"] for r in rows] == [r["answer_ids"] for r in reference]
     assert [r["answer_text"] for r in rows] == [r["answer_text"] for r in reference]
     V = len(p.vocab)
@@ -531,3 +621,19 @@ def test_vllm_matches_transformers_teacher(tiny_prepared, tiny_teacher_dir):
         assert b.teacher_ids == a.teacher_ids, f"comment {i}: vLLM {b.teacher_ids}, transformers {a.teacher_ids}"
         # raw logits in both; compared up to a per-step constant, which the KL does not see either
         torch.testing.assert_close(center_logits(b.logits), center_logits(a.logits.cpu()), atol=atol, rtol=0)
+
+
+def test_bench_times_both_engines_on_a_whole_shard_and_counts_agreement(tiny_teacher_dir, tiny_teacher_model,
+                                                                        tmp_path, monkeypatch):
+    from distill.bench import bench_vllm
+
+    cfg = tiny_config(tiny_teacher_dir, str(tmp_path / "records"), "teacher.engine=vllm", "corpus.limit=6")
+    p = prepare(cfg)
+    shard = shard_items(p, [0])[0]
+    monkeypatch.setattr(vllm_engine, "load_vllm_teacher", lambda tcfg, prefix, suffix, grammar, vocab, tokenizer,
+                        max_comment_tokens: VLLMTeacher(FakeLLM(tiny_teacher_model), tokenizer, prefix, suffix,
+                                                        grammar, vocab, SamplingParams))
+    teacher = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab)
+    r = bench_vllm(cfg, p, teacher, shard, repeats=1, device=torch.device("cpu"))
+    assert r["comments"] == r["agree"] == 6 and r["max_logit_diff"] < 2e-3 and r["random_weights"] is False
+    assert r["vllm_comments_per_s"] > 0 and r["transformers_comments_per_s"] > 0
