@@ -66,7 +66,7 @@ from distill.losses import DistillLoss
 from distill.model import PRESET_FIELDS, PRESETS, StudentConfig, build_student
 from distill.plan import gpu_for_cuda_name, roofline_seconds, teacher_batch_work
 from distill.task import Task
-from distill.teacher import Teacher, cpu_has_fast_bf16, load_teacher, pick_device
+from distill.teacher import Teacher, cpu_has_fast_bf16, load_teacher, pick_device, use_bf16
 
 # -----------------------------------------------------------------------------
 # FLOPs
@@ -269,8 +269,7 @@ def bench_training(cfg: StudentConfig, loss: DistillLoss, train: TrainConfig, an
     """Examples/s, answer tokens/s and MFU of `steps` optimizer steps after `warmup_steps`."""
     torch.manual_seed(0)
     model = build_student(cfg).to(device).train()
-    bf16 = train.precision == "bf16" or (train.precision == "auto" and (
-        torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()))  # as train.Loop
+    bf16 = use_bf16(train.precision, device)  # as train.Loop
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
                                   weight_decay=train.weight_decay, fused=device.type == "cuda")
     batch = synthetic_batch(cfg, train.micro_batch_size, answer_tokens, device)

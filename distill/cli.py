@@ -119,7 +119,7 @@ def cmd_eval(args) -> None:
     from distill.inference import load_artifact
     from distill.train import human_labels_for, split_rows
 
-    student = load_artifact(args.model)
+    student = load_artifact(args.model, precision=args.precision)
     manifest = records.load_manifest(args.records)
     if manifest["vocab"]["ids"] != list(student.vocab.ids):
         raise RecordsError(f"{args.records}: records' output vocabulary differs from the model's; "
@@ -136,9 +136,10 @@ def cmd_eval(args) -> None:
             raise RecordsError(f"{args.train_records}: no records in the train split")
     else:
         train_rows = training_rows(split_rows(table, args.max_train_rows)[0])
-    metrics = evaluate(student.model, rows, student.vocab, student.sep_id, student.grammar,
-                       manifest["logits_dtype"], student.model.cfg.max_comment_tokens,
-                       human_labels=human_labels_for(student.task), train_rows=train_rows or None)
+    with student.autocast():
+        metrics = evaluate(student.model, rows, student.vocab, student.sep_id, student.grammar,
+                           manifest["logits_dtype"], student.model.cfg.max_comment_tokens,
+                           human_labels=human_labels_for(student.task), train_rows=train_rows or None)
     print("\n".join(format_eval(metrics)) if args.text else json.dumps(metrics, indent=2))
 
 
@@ -154,7 +155,7 @@ def cmd_classify(args) -> None:
 
     from distill.inference import load_artifact
 
-    student = load_artifact(args.model)
+    student = load_artifact(args.model, precision=args.precision)
     if args.texts:
         texts = args.texts
     elif args.file:
@@ -211,6 +212,12 @@ def cmd_plan(args) -> None:
     run(args)
 
 
+def add_precision_arg(p) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the student's forward passes: bf16 autocast or fp32; auto = bf16 on GPUs and on CPUs "
+                        "with AVX512-BF16 / AMX (as train.precision)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-rows", type=int, help="the baselines learn from the first N of those train "
                                                        "records in id order, as train.max_train_rows")
     p.add_argument("--text", action="store_true", help="the tables `distill train` prints, not JSON")
+    add_precision_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a model artifact from a run's latest checkpoint")
@@ -253,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="a file with one comment per line")
     p.add_argument("--unconstrained", action="store_true", help="free decoding (answers may be invalid)")
     p.add_argument("--batch-size", type=int, default=64)
+    add_precision_arg(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("report", help="HTML report and markdown summary of a training run")

@@ -219,7 +219,7 @@ def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, 
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             batch = collate(chunk, vocab.ids, sep_id, max_comment_tokens, logits_dtype).to(device)
-            logits = model(batch.input_ids, batch.attention_mask)  # (B, T, V)
+            logits = model(batch.input_ids, batch.attention_mask).float()  # (B, T, V), fp32 also under autocast
             hits = (logits.argmax(-1) == batch.targets) & batch.loss_mask  # (B, T)
             n_tokens = batch.n_tokens  # host sync, as the ones below: a few per batch
             correct += int(hits.sum())

@@ -149,6 +149,15 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     return any(flag in flags for flag in FAST_BF16_CPU_FLAGS)
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for a student's matmuls? precision "bf16", "fp32", or "auto": on GPUs that support it and
+    on CPUs with bf16 instructions (train.precision, and the student's precision in classify and eval)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: must be auto, fp32 or bf16")
+    return precision == "bf16" or (precision == "auto" and (
+        torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()))
+
+
 def pick_dtype(cfg: TeacherConfig, device: torch.device) -> torch.dtype:
     """teacher.dtype, with auto = bf16 on GPUs and on CPUs with bf16 instructions, else fp32."""
     if cfg.dtype != "auto":

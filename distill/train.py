@@ -61,7 +61,7 @@ from distill.evaluate import GOEMOTIONS_SENTIMENT, evaluate
 from distill.model import build_student, format_param_overview
 from distill.runtime import init_ray
 from distill.task import Task, load_task
-from distill.teacher import cpu_has_fast_bf16, load_tokenizer, resolve_teacher_path, tokenizer_hash
+from distill.teacher import load_tokenizer, resolve_teacher_path, tokenizer_hash, use_bf16
 from distill.vocab import OutputVocab
 
 STOP_FILE = "STOP"
@@ -204,8 +204,7 @@ class Loop:
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             torch.set_num_threads(self.t.cpu_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-        self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and (
-            torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_has_fast_bf16()))
+        self.bf16 = use_bf16(self.t.precision, self.device)
         self.peak_flops = peak_flops(self.device)
 
         self.vocab = OutputVocab.from_dict(manifest["vocab"])
@@ -657,10 +656,11 @@ def finish_run(cfg: Config, result) -> dict:
 
     train_table, eval_table = split_rows(records.read_records(cfg.records.uri, manifest), cfg.train.max_train_rows)
     held_out = eval_table.to_pylist()
-    final = evaluate(model, held_out, vocab, sep_id, AnswerGrammar(task, tokenizer, sep_id),
-                     manifest["logits_dtype"], cfg.student.max_comment_tokens,
-                     human_labels=human_labels_for(task),
-                     train_rows=training_rows(train_table) or None) if held_out else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(cfg.train.precision, torch.device("cpu"))):
+        final = evaluate(model, held_out, vocab, sep_id, AnswerGrammar(task, tokenizer, sep_id),  # as classify runs
+                         manifest["logits_dtype"], cfg.student.max_comment_tokens,
+                         human_labels=human_labels_for(task),
+                         train_rows=training_rows(train_table) or None) if held_out else {}
     storage.write_bytes(storage.join(run_dir, "eval.json"),
                         json.dumps({**final, "per_epoch": evals}, indent=2).encode())
     html, md = write_report(run_dir)

@@ -94,6 +94,19 @@ def test_round_trip_local(saved, task, vocab, grammar, gemma_tokenizer):
     assert all(r["valid"] for r in loaded.classify(TEXTS[:2]))
 
 
+def test_precision_bf16_runs_the_student_under_autocast(saved):
+    uri, _ = saved
+    fp32, bf16 = load_artifact(uri, device="cpu", precision="fp32"), load_artifact(uri, device="cpu", precision="bf16")
+    ids = torch.tensor([[5, 6, 7]])
+    for student, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
+        with student.autocast():
+            assert student.model(ids).dtype == dtype
+        assert student.model.embed.weight.dtype == torch.float32  # the weights stay as saved
+    assert all(r["valid"] for r in bf16.classify(TEXTS[:2]))
+    with pytest.raises(ValueError, match="precision 'fp16': must be auto, fp32 or bf16"):
+        load_artifact(uri, device="cpu", precision="fp16")
+
+
 @pytest.mark.s3
 def test_round_trip_s3_and_download(s3_bucket, tmp_path, task, vocab, grammar, gemma_tokenizer):
     model = random_student(vocab, seed=1)
