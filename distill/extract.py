@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -200,13 +201,14 @@ class ShardWriter:
             load = functools.partial(load_vllm_teacher, max_comment_tokens=cfg.corpus.max_tokens)
         self.teacher = load(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
                             OutputVocab.from_dict(plan["vocab"]), tokenizer)
+        self.runtime = self.teacher.runtime()  # what teacher.dtype=auto became here, written into every shard
 
     def __call__(self, batch: pa.Table) -> dict:
         out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}
         for shard in batch.to_pylist():
             start = time.perf_counter()
             rows = self.answer_shard(shard)
-            entry = records.write_shard(self.cfg.records.uri, shard["index"], rows)
+            entry = records.write_shard(self.cfg.records.uri, shard["index"], rows, self.runtime)
             for key in ("index", "rows", "bytes", "sha256"):
                 out[key].append(entry[key])
             out["seconds"].append(time.perf_counter() - start)
@@ -315,7 +317,9 @@ def run_extraction(cfg: Config) -> dict:
     if missing:
         raise records.RecordsError(f"{uri}: shards {missing[:5]} missing after extraction; rerun to finish")
     shards = [records.shard_entry(uri, k) for k in range(n_shards)]
+    runtimes = collections.Counter(json.dumps(s["teacher_runtime"], sort_keys=True) for s in shards)
     manifest = dict(plan, shards=shards, rows=sum(s["rows"] for s in shards),
+                    teacher_runtime=[{**json.loads(r), "shards": n} for r, n in sorted(runtimes.items())],
                     corpus_stats=corpus_stats_dict(p.stats),
                     config=config_to_dict(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     records.write_json(uri, records.MANIFEST_NAME, manifest)

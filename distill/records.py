@@ -56,6 +56,9 @@ SCHEMA = pa.schema([
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
+RUNTIME_KEY = "distill.teacher_runtime"
+"""Prefix of a shard's Parquet metadata keys for what its teacher actor resolved (teacher.dtype=auto, device)."""
+
 
 class RecordsError(ValueError):
     """Records that are missing, incomplete, or made for another task/vocabulary/tokenizer."""
@@ -76,19 +79,21 @@ def decode_logits(cell: bytes, n_steps: int, vocab_size: int, dtype: str) -> tor
     return bits.view(TORCH_DTYPES[dtype]).reshape(n_steps, vocab_size)
 
 
-def shard_bytes(rows: list[dict]) -> bytes:
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+def shard_bytes(rows: list[dict], teacher_runtime: dict[str, str] | None = None) -> bytes:
+    """A Parquet shard; teacher_runtime (what the writing actor resolved, e.g. {"dtype": "bfloat16", "device":
+    "cpu"}) goes into the file's key-value metadata, so every shard says how it was made."""
+    schema = SCHEMA.with_metadata({f"{RUNTIME_KEY}.{k}": v for k, v in (teacher_runtime or {}).items()})
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink, compression="zstd")
     return sink.getvalue()
 
 
-def write_shard(uri: str, index: int, rows: list[dict]) -> dict:
+def write_shard(uri: str, index: int, rows: list[dict], teacher_runtime: dict[str, str] | None = None) -> dict:
     """Write one whole shard; returns its manifest entry."""
-    data = shard_bytes(rows)
+    data = shard_bytes(rows, teacher_runtime)
     storage.write_bytes(storage.join(uri, shard_name(index)), data)
     return {"index": index, "name": shard_name(index), "rows": len(rows), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+            "sha256": hashlib.sha256(data).hexdigest(), "teacher_runtime": dict(teacher_runtime or {})}
 
 
 def existing_shards(uri: str) -> dict[int, str]:
@@ -104,9 +109,11 @@ def existing_shards(uri: str) -> dict[int, str]:
 def shard_entry(uri: str, index: int) -> dict:
     """Manifest entry of a shard already written (checksum from its bytes, row count from its footer)."""
     data = storage.read_bytes(storage.join(uri, shard_name(index)))
-    rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-    return {"index": index, "name": shard_name(index), "rows": rows, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    footer = pq.ParquetFile(io.BytesIO(data)).metadata
+    prefix = f"{RUNTIME_KEY}.".encode()
+    runtime = {k[len(prefix):].decode(): v.decode() for k, v in (footer.metadata or {}).items() if k.startswith(prefix)}
+    return {"index": index, "name": shard_name(index), "rows": footer.num_rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "teacher_runtime": runtime}
 
 
 def write_json(uri: str, name: str, obj: dict) -> None:

@@ -224,6 +224,11 @@ class Teacher:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def runtime(self) -> dict[str, str]:
+        """What this teacher resolved here (teacher.dtype=auto, the device), written into every shard it makes."""
+        return {"engine": "transformers", "dtype": str(self.model.dtype).removeprefix("torch."),
+                "device": self.device.type}
+
     def prompt_ids(self, comment_ids: list[int]) -> list[int]:
         """BOS + prompt prefix + comment + prompt suffix: the one way a comment reaches the teacher."""
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []

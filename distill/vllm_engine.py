@@ -497,6 +497,14 @@ class VLLMTeacher:
 
     prompt_ids = Teacher.prompt_ids  # BOS + prompt prefix + comment + prompt suffix: the same ids
 
+    def runtime(self) -> dict[str, str]:
+        """As Teacher.runtime: the dtype vLLM resolved (teacher.dtype=auto: the checkpoint's)."""
+        try:
+            dtype = str(self.llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+        except AttributeError:  # a vLLM that keeps it elsewhere
+            dtype = "unknown"
+        return {"engine": "vllm", "dtype": dtype, "device": "cuda"}
+
     def max_model_len(self, max_comment_tokens: int) -> int:
         """The longest request's tokens: BOS + prompt prefix + comment + prompt suffix + answer."""
         return 1 + len(self.prefix_ids) + max_comment_tokens + len(self.suffix_ids) + self.automaton.max_steps

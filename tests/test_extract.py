@@ -67,6 +67,10 @@ def test_extraction_writes_every_kept_comment_once(tiny_teacher_dir, tmp_path):
     ids = table.column("id").to_pylist()
     assert manifest["rows"] == 24 == len(ids) == len(set(ids))
     assert len(manifest["shards"]) == 3
+    # what teacher.dtype / the device became in the actors, from each shard's own Parquet metadata
+    runtime = {"engine": "transformers", "dtype": "float32", "device": "cpu"}
+    assert manifest["teacher_runtime"] == [{**runtime, "shards": 3}]
+    assert all(s["teacher_runtime"] == runtime for s in manifest["shards"])
     assert (tmp_path / "records" / "config.yaml").exists()
     row = table.slice(0, 1).to_pylist()[0]
     logits = records.decode_logits(row["logits"], row["n_steps"], len(manifest["vocab"]["ids"]), "float16")
