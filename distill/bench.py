@@ -241,8 +241,8 @@ def bench_student(model_uri: Optional[str], p: Prepared, device: torch.device) -
     torch.manual_seed(0)
     model = build_student(preset_config(p.cfg.student, "tiny", len(p.vocab))).to(device).eval()
     automaton = p.grammar.automaton(p.vocab).to(device)
-    return (StudentModel(model, p.task, p.vocab, p.tokenizer, p.grammar, automaton, p.grammar.end_id, device),
-            "tiny (random weights)")
+    return (StudentModel(model, p.task, p.vocab, p.tokenizer, p.grammar, automaton, p.grammar.end_id, device,
+                         use_bf16("auto", device)), "tiny (random weights)")
 
 
 # -----------------------------------------------------------------------------
@@ -303,10 +303,11 @@ def bench_training(cfg: StudentConfig, loss: DistillLoss, train: TrainConfig, an
 # fp32 against bf16, side by side
 
 
-def bench_precision(cfg: Config, p, teacher: Teacher, shard: dict, spec: "BenchSpec", device: torch.device,
-                    peak: float) -> dict:
-    """Teacher extraction (fast path) in float32 and bfloat16, interleaved over `spec.repeats` runs, with the
-    answers they agree on; then training examples/s of each preset in fp32 and in bf16 autocast."""
+def bench_precision(cfg: Config, p, teacher: Teacher, student: StudentModel, shard: dict, spec: "BenchSpec",
+                    device: torch.device, peak: float) -> dict:
+    """Teacher extraction (fast path) in float32 and bfloat16, then the student's classification in fp32 and
+    bf16 autocast, each interleaved over `spec.repeats` runs, with the answers they agree on; then training
+    examples/s of each preset in fp32 and in bf16 autocast."""
     dtypes = {"float32": None, "bfloat16": None}
     for name in dtypes:
         same = str(next(teacher.model.parameters()).dtype).removeprefix("torch.") == name
@@ -321,8 +322,17 @@ def bench_precision(cfg: Config, p, teacher: Teacher, shard: dict, spec: "BenchS
             took, out = timed(lambda: [a for batch in batches for a in t.answer_fast(batch)], device)
             seconds[name].append(took)
             answers[name] = [a.vocab_indices for a in out]
+    students = {name: dataclasses.replace(student, bf16=name == "bfloat16") for name in dtypes}
+    texts = shard["texts"]
+    student_seconds, student_answers = {name: [] for name in dtypes}, {}
+    for _ in range(spec.repeats):
+        for name, s in students.items():
+            took, out = timed(lambda: s.classify(texts, batch_size=cfg.teacher.batch_size), device)
+            student_seconds[name].append(took)
+            student_answers[name] = [r["answer"] for r in out]
     n = len(order)
     rate = {name: n / statistics.median(v) for name, v in seconds.items()}
+    student_rate = {name: n / statistics.median(v) for name, v in student_seconds.items()}
     training = []
     for preset in spec.presets:
         student = preset_config(cfg.student, preset, len(p.vocab))
@@ -334,6 +344,11 @@ def bench_precision(cfg: Config, p, teacher: Teacher, shard: dict, spec: "BenchS
     return {"comments": n, "fp32_comments_per_s": rate["float32"], "bf16_comments_per_s": rate["bfloat16"],
             "bf16_over_fp32": rate["bfloat16"] / rate["float32"],
             "answers_agree": sum(a == b for a, b in zip(answers["float32"], answers["bfloat16"])),
+            "student_fp32_comments_per_s": student_rate["float32"],
+            "student_bf16_comments_per_s": student_rate["bfloat16"],
+            "student_bf16_over_fp32": student_rate["bfloat16"] / student_rate["float32"],
+            "student_answers_agree": sum(a == b for a, b in zip(student_answers["float32"],
+                                                                 student_answers["bfloat16"])),
             "fast_bf16_cpu": cpu_has_fast_bf16() if device.type == "cpu" else None, "training": training}
 
 
@@ -437,7 +452,7 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
             "device": info, "teacher": cfg.teacher.model, "extraction": extraction, "training": training,
             "classification": {"student": student_name, **classification},
             "storage": bench_storage(cfg, p.task, teacher, shard), "config": config_to_dict(cfg),
-            "precision": bench_precision(cfg, p, teacher, shard, spec, device, info["peak_flops"])
+            "precision": bench_precision(cfg, p, teacher, student, shard, spec, device, info["peak_flops"])
             if spec.compare_precision else None,
             "vllm": bench_vllm(cfg, p, teacher, shard, spec.repeats, device) if cfg.teacher.engine == "vllm" else None}
 
@@ -505,9 +520,12 @@ def format_bench(r: dict) -> str:
                   "| measurement | fp32 | bf16 | bf16 / fp32 |", "|---|---|---|---|",
                   f"| extraction, fast path, comments/s | {num(q['fp32_comments_per_s'])} | "
                   f"{num(q['bf16_comments_per_s'])} | {q['bf16_over_fp32']:.2f}x |",
+                  f"| classification, student, comments/s | {num(q['student_fp32_comments_per_s'])} | "
+                  f"{num(q['student_bf16_comments_per_s'])} | {q['student_bf16_over_fp32']:.2f}x |",
                   *(f"| training {t['preset']}, examples/s | {num(t['fp32_examples_per_s'])} | "
                     f"{num(t['bf16_examples_per_s'])} | {t['bf16_over_fp32']:.2f}x |" for t in q["training"]),
-                  "", f"fp32 and bf16 teachers give the same answer on {q['answers_agree']} of {q['comments']} comments."]
+                  "", f"fp32 and bf16 teachers give the same answer on {q['answers_agree']} of {q['comments']} comments; "
+                  f"fp32 and bf16 students on {q['student_answers_agree']}."]
     v = r.get("vllm")
     if v:
         lines += ["", f"vLLM against transformers (fast path), {v['comments']} comments"

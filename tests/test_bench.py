@@ -73,6 +73,8 @@ def test_a_tiny_bench_writes_every_figure(tiny_bench, capsys):
     q = result["precision"]
     assert q["comments"] == 8 and q["fp32_comments_per_s"] > 0 and q["bf16_comments_per_s"] > 0
     assert 0 <= q["answers_agree"] <= 8 and q["training"][0]["preset"] == "tiny"
+    assert q["student_fp32_comments_per_s"] > 0 and q["student_bf16_comments_per_s"] > 0
+    assert 0 <= q["student_answers_agree"] <= 8
     assert q["training"][0]["bf16_over_fp32"] == pytest.approx(
         q["training"][0]["bf16_examples_per_s"] / q["training"][0]["fp32_examples_per_s"])
     markdown = (tiny_bench / "bench.md").read_text()
