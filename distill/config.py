@@ -226,7 +226,7 @@ class TrainConfig:
     """How workers read the records. memory: each worker holds the whole training split (in id order);
     stream: shard by shard, a few windows of shards in memory at a time, whatever the record set's size
     (the epoch order: shards permuted, windows of them shuffled and length-bucketed; see
-    data.StreamedRows); auto: memory when the shards total at most 1 GiB, else stream. The two give
+    data.StreamedRows); auto: memory when the shards total at most 512 MiB, else stream. The two give
     different batch orders; each resumes exactly."""
     stream_window_rows: int = 2048
     """train.data=stream: training rows per window (whole shards, at least this many rows): rows are

@@ -10,6 +10,10 @@ Answer tokens are fed back as TEACHER ids (the student's input vocabulary is the
 teacher's), and predicted as OUTPUT-VOCABULARY indices. The original project lost its
 student-only accuracy to a quote token encoded one way in training and another in
 inference; here training, evaluation and inference all call `student_sequence`.
+
+Then the epoch's row order (`bucketed_order`: shuffled, length-bucketed) and where a training
+worker's rows come from (train.data): the whole split in memory (`MemoryRows`), or windows of
+whole shards streamed from local disk or s3:// (`StreamedRows`), a few at a time.
 """
 
 from __future__ import annotations

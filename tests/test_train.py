@@ -99,6 +99,21 @@ def test_streamed_records_resume_exactly(tiny_teacher_dir, tiny_records, tmp_pat
     assert first["rss_peak_mb"] >= first["mem_mb"] > 0
 
 
+@pytest.mark.slow
+def test_streamed_worker_memory_does_not_grow_with_the_records(tiny_teacher_dir, tiny_records, tmp_path):
+    """jobs.train_memory at a small scale (the README's figures are its full-size run): 8x the records
+    (25 MB -> 200 MB of shards), the same worker peak RSS; the in-memory path would hold them all."""
+    from jobs.train_memory import synthesise, train
+
+    peaks = []
+    for n in (1000, 8000):
+        uri = str(tmp_path / f"records-{n}")
+        synthesise(tiny_records, uri, n, shard_size=32)
+        got = train(tiny_teacher_dir, uri, tmp_path / f"run-{n}", "stream", 20, ["train.stream_window_rows=128"])
+        peaks.append(got["rss_peak_mb"])
+    assert peaks[1] < peaks[0] + 60, peaks
+
+
 def test_compiled_forward_matches_golden_losses(tiny_teacher_dir, tiny_records, tmp_path):
     """train.compile=true on CPU (inductor): the golden run's first steps, within float tolerance of the
     eager losses, and a checkpoint with the plain module's keys (no `_orig_mod.`)."""
