@@ -116,9 +116,10 @@ def split_rows(table: pa.Table, max_train_rows: int | None = None) -> tuple[pa.T
 
 
 AUTO_MEMORY_BYTES = 512 << 20
-"""train.data=auto holds the records in memory up to this many bytes of shards (the demo's 14.8k records are
-370 MB), and streams them beyond: the in-memory path peaks at about 5x the shards' bytes per worker (Ray Data's
-blocks, their concatenation, the sorted split) and is no faster per step (README, "Records that do not fit")."""
+"""train.data=auto holds the records in memory up to this many bytes of shards (the demo's 14.8k records
+are 370 MB), and streams them beyond: the in-memory path peaks at about 5x the shards' bytes per worker
+(Ray Data's blocks, their concatenation, the sorted split) and is no faster per step (README, "Record
+sets larger than memory")."""
 BASELINE_TRAIN_ROWS = 100_000
 """The final evaluation's baselines learn from at most this many training rows (the first, in the data order)."""
 

@@ -153,3 +153,12 @@ def test_split_from_shards_stops_at_the_limit(tmp_path):
         [f"r{k:05d}" for k in range(24) if k % 4 == 3]
     assert split_from_shards(str(tmp_path), entries, "eval", 3, ["id", "split"]).column("id").to_pylist() == \
         ["r00003", "r00007", "r00011"]
+
+
+@pytest.mark.s3
+def test_streamed_rows_from_s3(s3_bucket):
+    uri = f"{s3_bucket}/records"
+    entries = write_record_set(uri, [8, 8, 8])
+    rows = streamed(uri, entries, window_rows=6)
+    assert sorted(epoch_ids(rows, 0)) == [f"r{k:05d}" for k in range(24) if k % 4 != 3]
+    rows.close()
