@@ -213,10 +213,25 @@ class TrainConfig:
     """Worker/node losses Ray Train recovers from (restarting from the last checkpoint)."""
     eval_rows: int = 256
     """Held-out rows evaluated at each epoch end (0 = all)."""
+    final_eval_rows: int = 10_000
+    """Held-out rows of the final evaluation (eval.json): the first N of the eval split (in id order with
+    train.data=memory, in shard order when streamed), read shard by shard, never the whole record set;
+    0 = all of them."""
     max_train_rows: Optional[int] = None
-    """Train on only the first N train-split records in id order (a stable, effectively random subset, the
-    same for every N' > N), e.g. for a learning curve over one record set; the final evaluation's baselines
+    """Train on only the first N train-split records: in id order with train.data=memory (a stable,
+    effectively random subset, the same for every N' > N), in shard order (manifest order, then row
+    order) when streamed; e.g. for a learning curve over one record set; the final evaluation's baselines
     learn from the same rows. null = all."""
+    data: str = "auto"
+    """How workers read the records. memory: each worker holds the whole training split (in id order);
+    stream: shard by shard, a few windows of shards in memory at a time, whatever the record set's size
+    (the epoch order: shards permuted, windows of them shuffled and length-bucketed; see
+    data.StreamedRows); auto: memory when the shards total at most 512 MiB, else stream. The two give
+    different batch orders; each resumes exactly."""
+    stream_window_rows: int = 2048
+    """train.data=stream: training rows per window (whole shards, at least this many rows): rows are
+    shuffled within a window, and a worker holds at most 3 windows (about 3 x 2048 x 25 kB = 150 MB of
+    records of 20-step answers over a 525-token vocabulary)."""
     init_from_teacher: bool = True
     """Initialise the student's input embedding from the teacher's (truncated SVD when low-rank)."""
     teacher_layers: Optional[list[int]] = None
@@ -268,6 +283,9 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
         _check(self.eval_rows >= 0, "train.eval_rows", self.eval_rows, "must be >= 0")
+        _check(self.final_eval_rows >= 0, "train.final_eval_rows", self.final_eval_rows, "must be >= 0")
+        _check(self.data in ("auto", "memory", "stream"), "train.data", self.data, "must be auto, memory or stream")
+        _check(self.stream_window_rows >= 1, "train.stream_window_rows", self.stream_window_rows, "must be >= 1")
         _check(self.max_train_rows is None or self.max_train_rows > 0, "train.max_train_rows", self.max_train_rows,
                "must be positive or null")
         _check(self.stop_after_steps is None or self.stop_after_steps >= 1, "train.stop_after_steps",

@@ -139,15 +139,25 @@ def load_manifest(uri: str) -> dict:
     return manifest
 
 
+def read_shard(uri: str, shard: dict, verify: bool = True, columns: list[str] | None = None) -> pa.Table:
+    """One shard of a record set (its manifest entry), checking its checksum against the manifest
+    (all columns, or only `columns`: then the whole file is still read, to check it)."""
+    data = storage.read_bytes(storage.join(uri, shard["name"]))
+    if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise RecordsError(f"{uri}/{shard['name']}: checksum does not match the manifest")
+    return pq.read_table(io.BytesIO(data), schema=SCHEMA, columns=columns)
+
+
+def read_column(uri: str, shard: dict, column: str) -> pa.Array:
+    """One column of one shard, reading only that column's pages (and the footer) from storage."""
+    with storage.open_file(storage.join(uri, shard["name"])) as f:
+        return pq.read_table(f, columns=[column]).column(column).combine_chunks()
+
+
 def read_records(uri: str, manifest: dict | None = None, verify: bool = True) -> pa.Table:
     """All rows of a complete record set, checking each shard's checksum against the manifest."""
     manifest = manifest or load_manifest(uri)
-    tables = []
-    for shard in manifest["shards"]:
-        data = storage.read_bytes(storage.join(uri, shard["name"]))
-        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise RecordsError(f"{uri}/{shard['name']}: checksum does not match the manifest")
-        tables.append(pq.read_table(io.BytesIO(data), schema=SCHEMA))
+    tables = [read_shard(uri, shard, verify) for shard in manifest["shards"]]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 

@@ -13,13 +13,15 @@ tokens, the KL weight annealed 0.9 -> 0.1 on a cosine over training (Hinton et a
 2015 for the temperature-scaled KD term). LR: linear warm-up, then cosine decay to a
 floor of `min_lr_ratio * lr` that is never zero (Loshchilov & Hutter 2017, SGDR).
 
-Data: the records come through Ray Data (`read_parquet`, the same files on every
-worker); each worker keeps the table in memory, sorted by id, and takes its slice of
-every global batch from a per-epoch order seeded by (seed, epoch), length-bucketed
-(`data.bucketed_order`, `train.length_buckets`). So the order is the same on every
-rerun and a resumed run continues exactly where it stopped. On GPUs the next
-micro-batch is built on a background thread while the current one trains (collate,
-which decodes the teacher's logits; then pinned and copied asynchronously;
+Data (`train.data`): every worker takes its slice of every global batch from one
+per-epoch order seeded by (seed, epoch), length-bucketed (`train.length_buckets`), so
+the order is the same on every rerun and a resumed run continues exactly where it
+stopped. Small record sets are held whole (`memory`: read through Ray Data, sorted by
+id, `data.MemoryRows`); larger ones are streamed (`stream`: `data.StreamedRows` reads
+windows of whole shards of a seeded shard permutation, local or s3://, and holds at
+most three windows, so a worker's memory does not grow with the record set). On GPUs
+the next micro-batch is built on a background thread while the current one trains
+(collate, which decodes the teacher's logits; then pinned and copied asynchronously;
 `train.prefetch`), and a step syncs with the host once, at its end, for the metrics.
 
 Speed: bf16 autocast and fused AdamW on CUDA; `train.compile` compiles the training
@@ -40,6 +42,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -50,13 +53,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from distill import records, storage
 from distill.bench import flops_per_token
 from distill.config import Config, ConfigError, config_to_yaml
 from distill.constrained import AnswerGrammar
-from distill.data import Batch, bucketed_order, collate, sequence_lengths
+from distill.data import (Batch, MemoryRows, StreamedRows, collate, sequence_lengths, shard_train_counts,
+                          split_from_shards)
 from distill.evaluate import GOEMOTIONS_SENTIMENT, evaluate
 from distill.model import build_student, format_param_overview
 from distill.runtime import init_ray
@@ -108,6 +113,28 @@ def split_rows(table: pa.Table, max_train_rows: int | None = None) -> tuple[pa.T
     if max_train_rows is not None:
         train = train.slice(0, max_train_rows)
     return train, table.take(np.flatnonzero(split == "eval"))
+
+
+AUTO_MEMORY_BYTES = 512 << 20
+"""train.data=auto holds the records in memory up to this many bytes of shards (the demo's 14.8k records
+are 370 MB), and streams them beyond: the in-memory path peaks at about 5x the shards' bytes per worker
+(Ray Data's blocks, their concatenation, the sorted split) and is no faster per step (README, "Record
+sets larger than memory")."""
+BASELINE_TRAIN_ROWS = 100_000
+"""The final evaluation's baselines learn from at most this many training rows (the first, in the data order)."""
+
+
+def data_mode(t, manifest: dict) -> str:
+    """memory or stream: train.data, with auto decided by the size of the record set."""
+    if t.data != "auto":
+        return t.data
+    return "memory" if sum(s["bytes"] for s in manifest["shards"]) <= AUTO_MEMORY_BYTES else "stream"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def human_labels_for(task: Task) -> dict | None:
@@ -194,7 +221,7 @@ def with_input_vocab(cfg: Config, tokenizer) -> Config:
 class Loop:
     """State of one worker's training: model, optimizer, schedule, data, metrics."""
 
-    def __init__(self, cfg: Config, manifest: dict, table: pa.Table):
+    def __init__(self, cfg: Config, manifest: dict, data: dict):
         import ray.train
         import ray.train.torch
 
@@ -214,16 +241,14 @@ class Loop:
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.grammar = AnswerGrammar(self.task, self.tokenizer, self.sep_id)
 
-        self.train_rows, self.eval_rows = split_rows(table, self.t.max_train_rows)
-        if self.train_rows.num_rows == 0:
-            raise ValueError("no training rows in the records (every comment is in the eval split)")
         self.per_rank = self.t.micro_batch_size * self.t.grad_accum
         self.global_batch = self.per_rank * self.world
-        self.steps_per_epoch = math.ceil(self.train_rows.num_rows / self.global_batch)
+        self.data_mode = data["mode"]
+        self.rows, self.eval_rows = self.open_data(data)  # training rows (n, rows(epoch, positions)); evaluated rows
+        if self.rows.n == 0:
+            raise ValueError("no training rows in the records (every comment is in the eval split)")
+        self.steps_per_epoch = math.ceil(self.rows.n / self.global_batch)
         self.total_steps = self.steps_per_epoch * self.t.epochs
-        self.lengths = sequence_lengths(self.train_rows, cfg.student.max_comment_tokens)  # (N,) for bucketing
-        self.n_steps = self.train_rows.column("n_steps").to_numpy()  # (N,) answer tokens, for tokens/s
-        self.order = (-1, None)  # (epoch, its row order), cached; with prefetch only its thread touches it
         prefetch = self.t.prefetch if self.t.prefetch is not None else self.device.type == "cuda"
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-batch") if prefetch else None
         self.pending = None  # ((step, micro), Future) of the next micro-batch
@@ -240,6 +265,24 @@ class Loop:
         self.compile_forward()
 
     # -- set-up ---------------------------------------------------------------
+
+    def open_data(self, data: dict) -> tuple[MemoryRows | StreamedRows, pa.Table]:
+        """(the training rows, the held-out rows evaluated at epoch ends: the first train.eval_rows)."""
+        import ray.train
+
+        t, max_comment = self.t, self.cfg.student.max_comment_tokens
+        limit = t.eval_rows or None
+        if data["mode"] == "memory":
+            shard = ray.train.get_dataset_shard("records")
+            train, held_out = split_rows(pa.concat_tables(list(shard.iter_batches(batch_size=4096,
+                                                                                  batch_format="pyarrow"))),
+                                         t.max_train_rows)
+            rows = MemoryRows(train, t.seed, self.global_batch, t.length_buckets, max_comment)
+            return rows, held_out.slice(0, limit)
+        uri = self.cfg.records.uri
+        rows = StreamedRows(uri, data["shards"], data["train_counts"], t.seed, self.global_batch, t.length_buckets,
+                            t.stream_window_rows, max_comment, t.max_train_rows)
+        return rows, split_from_shards(uri, data["shards"], "eval", limit)
 
     def restore_or_init(self) -> str | None:
         """Load the latest checkpoint's weights if Ray Train hands us one; else init from the teacher."""
@@ -311,7 +354,7 @@ class Loop:
 
     def check_one_batch(self) -> None:
         """Fail before the long run: one forward pass on real records checks vocabulary and shapes."""
-        batch = self.batch(np.arange(min(2, self.train_rows.num_rows)), self.train_rows)
+        batch = self.batch(self.rows.head(2))
         with torch.no_grad():
             logits = self.module(batch.input_ids, batch.attention_mask)  # (B, T, V)
         if logits.shape[-1] != batch.teacher_logits.shape[-1]:
@@ -332,29 +375,28 @@ class Loop:
 
     # -- one step ------------------------------------------------------------
 
-    def batch(self, indices: np.ndarray, rows: pa.Table) -> Batch:
+    def batch(self, rows: pa.Table) -> Batch:
         """Rows -> a Batch on the device (pinned first on CUDA, so the copy is asynchronous)."""
-        batch = collate(rows.take(indices).to_pylist(), list(self.vocab.ids), self.sep_id,
+        batch = collate(rows.to_pylist(), list(self.vocab.ids), self.sep_id,
                         self.cfg.student.max_comment_tokens, self.logits_dtype)
         return (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device)
 
-    def micro_indices(self, step: int, micro: int) -> np.ndarray:
-        """This worker's rows of micro-batch `micro` of global batch `step` (wrapping around at the epoch's end)."""
+    def micro_positions(self, step: int, micro: int) -> tuple[int, np.ndarray]:
+        """(epoch, this worker's positions in the epoch's order) of micro-batch `micro` of global batch `step`
+        (wrapping around at the epoch's end)."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        if self.order[0] != epoch:
-            self.order = (epoch, bucketed_order(self.lengths, epoch, self.t.seed, self.global_batch,
-                                                self.t.length_buckets))
-        order, n = self.order[1], self.train_rows.num_rows
         start = s * self.global_batch + self.rank * self.per_rank + micro * self.t.micro_batch_size
-        return order[(start + np.arange(self.t.micro_batch_size)) % n]
+        return epoch, (start + np.arange(self.t.micro_batch_size)) % self.rows.n
 
-    def make_micro_batch(self, step: int, micro: int) -> tuple[np.ndarray, Batch]:
-        indices = self.micro_indices(step, micro)
-        return indices, self.batch(indices, self.train_rows)
+    def make_micro_batch(self, step: int, micro: int) -> tuple[tuple[int, int], Batch]:
+        rows = self.rows.rows(*self.micro_positions(step, micro))
+        answer_tokens = int(pc.sum(rows.column("n_steps")).as_py())  # host-side counts, for tokens/s and padding
+        real_tokens = int(sequence_lengths(rows, self.cfg.student.max_comment_tokens).sum())
+        return (answer_tokens, real_tokens), self.batch(rows)
 
-    def micro_batch(self, step: int, micro: int) -> tuple[np.ndarray, Batch]:
-        """(row indices, Batch) of micro-batch `micro` of step `step`; with prefetch, submits the next one to
-        the background thread, so it is built while this one trains."""
+    def micro_batch(self, step: int, micro: int) -> tuple[tuple[int, int], Batch]:
+        """((answer tokens, sequence tokens), Batch) of micro-batch `micro` of step `step`; with prefetch,
+        submits the next one to the background thread, so it is built while this one trains."""
         if self.prefetch is None:
             return self.make_micro_batch(step, micro)
         if self.pending is None or self.pending[0] != (step, micro):  # the first step (of a run or a resume)
@@ -371,7 +413,7 @@ class Loop:
         parts = []
         n_tokens = seq_tokens = real_tokens = 0
         for micro in range(t.grad_accum):
-            indices, batch = self.micro_batch(self.step, micro)
+            (answer_tokens, sequence_tokens), batch = self.micro_batch(self.step, micro)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and t.strategy == "ddp"):
                 logits = self.engine(batch.input_ids, batch.attention_mask)  # (B, T, V)
             out = self.cfg.loss(logits.float(), batch.teacher_logits, batch.targets, batch.loss_mask, progress)
@@ -381,8 +423,8 @@ class Loop:
             else:
                 (out["loss"] / t.grad_accum).backward()
             parts.append(torch.stack([out["loss"].detach(), out["kl"], out["ce"]]))  # (3,), stays on the device
-            n_tokens += int(self.n_steps[indices].sum())  # host-side counts: no device sync
-            real_tokens += int(self.lengths[indices].sum())
+            n_tokens += answer_tokens  # host-side counts: no device sync
+            real_tokens += sequence_tokens
             seq_len, seq_tokens = batch.input_ids.shape[1], seq_tokens + batch.input_ids.numel()
         if t.strategy == "deepspeed":
             grad_norm = self.engine.get_global_grad_norm() or 0.0
@@ -396,8 +438,8 @@ class Loop:
         grad_norm = float(grad_norm)
         seconds = time.perf_counter() - start
         self.step += 1
-        mem = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
-               else psutil.Process().memory_info().rss) / 2**20
+        rss = psutil.Process().memory_info().rss / 2**20
+        mem = torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else rss
         # MFU: tokens of every position (not only answer tokens) x FLOPs per token / the device's peak
         flops = flops_per_token(self.cfg.student, seq_len) * seq_tokens * self.world / seconds
         return {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch + 1,
@@ -406,6 +448,7 @@ class Loop:
                 "grad_norm": round(grad_norm, 6),
                 "examples_per_s": round(self.global_batch / seconds, 2),
                 "tokens_per_s": round(n_tokens * self.world / seconds, 1), "mem_mb": round(mem, 1),
+                "rss_peak_mb": round(max(peak_rss_mb(), rss), 1),  # the kernel updates its peak lazily
                 "pad_fraction": round(1.0 - real_tokens / seq_tokens, 4),
                 "mfu": round(flops / self.peak_flops, 4) if self.peak_flops else None}
 
@@ -450,10 +493,9 @@ class Loop:
     def evaluate(self) -> dict | None:
         if self.eval_rows.num_rows == 0:
             return None
-        n = self.eval_rows.num_rows if self.t.eval_rows == 0 else min(self.t.eval_rows, self.eval_rows.num_rows)
         self.module.eval()
         with torch.compiler.set_stance("force_eager"):  # no graphs for decoding's shapes; a no-op uncompiled
-            metrics = evaluate(self.module, self.eval_rows.slice(0, n).to_pylist(), self.vocab, self.sep_id,
+            metrics = evaluate(self.module, self.eval_rows.to_pylist(), self.vocab, self.sep_id,
                                self.grammar, self.logits_dtype, self.cfg.student.max_comment_tokens,
                                human_labels=human_labels_for(self.task))
         self.module.train()
@@ -479,7 +521,8 @@ class Loop:
         from tqdm import tqdm
 
         if self.rank == 0:
-            say(f"[train] {self.train_rows.num_rows} train / {self.eval_rows.num_rows} eval records; "
+            say(f"[train] {self.rows.n} train records ({self.data_mode}), {self.eval_rows.num_rows} held-out "
+                f"evaluated per epoch; "
                   f"{self.world} worker(s), {self.t.strategy}"
                   + (f" ZeRO-{self.t.zero_stage}" if self.t.strategy == "deepspeed" else "")
                   + f", {'bf16' if self.bf16 else 'fp32'} on {self.device}; global batch {self.global_batch}; "
@@ -522,21 +565,19 @@ class Loop:
                 break
         if self.prefetch is not None:
             self.prefetch.shutdown(cancel_futures=True)
+        self.rows.close()
         bar.close()
         if board is not None:
             board.close()
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's entry on every worker: config = {"cfg": Config, "manifest": dict}."""
-    import ray.train
-
+    """Ray Train's entry on every worker: config = {"cfg": Config, "manifest": dict, "data": dict} (data: "mode",
+    and when streamed the manifest's "shards" and their "train_counts")."""
     cfg: Config = config["cfg"]
     if cfg.train.strategy == "deepspeed" and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    shard = ray.train.get_dataset_shard("records")
-    table = pa.concat_tables(list(shard.iter_batches(batch_size=4096, batch_format="pyarrow")))
-    Loop(cfg, config["manifest"], table).run()
+    Loop(cfg, config["manifest"], config["data"]).run()
 
 
 # -----------------------------------------------------------------------------
@@ -592,20 +633,25 @@ def run_training(cfg: Config):
 
     init_ray()
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    shard_uris = [storage.join(uri, s["name"]) for s in manifest["shards"]]
-    dataset = ray.data.read_parquet(shard_uris, filesystem=storage_filesystem(uri))
+    data = {"mode": data_mode(cfg.train, manifest)}
+    if data["mode"] == "memory":  # every worker reads all rows through Ray Data (DataConfig below)
+        shard_uris = [storage.join(uri, s["name"]) for s in manifest["shards"]]
+        datasets = {"records": ray.data.read_parquet(shard_uris, filesystem=storage_filesystem(uri))}
+    else:  # workers read their windows of shards themselves; they only need the training rows per shard
+        data.update(shards=manifest["shards"], train_counts=shard_train_counts(uri, manifest["shards"]))
+        datasets = None
     name, storage_path = run_name_and_storage(run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "manifest": {k: manifest[k] for k in
-                                                    ("vocab", "decoding", "logits_dtype", "task")}},
+                                                    ("vocab", "decoding", "logits_dtype", "task")}, "data": data},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_filesystem(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        datasets={"records": dataset},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every worker reads all rows (see docstring)
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
@@ -654,7 +700,7 @@ def finish_run(cfg: Config, result) -> dict:
     save_artifact(model_uri, model, task, vocab, tokenizer, sep_id,
                   extra={"teacher": manifest["teacher"], "records": cfg.records.uri, "steps": state["step"]})
 
-    train_table, eval_table = split_rows(records.read_records(cfg.records.uri, manifest), cfg.train.max_train_rows)
+    train_table, eval_table = final_rows(cfg, manifest)
     held_out = eval_table.to_pylist()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(cfg.train.precision, torch.device("cpu"))):
         final = evaluate(model, held_out, vocab, sep_id, AnswerGrammar(task, tokenizer, sep_id),  # as classify runs
@@ -666,6 +712,20 @@ def finish_run(cfg: Config, result) -> dict:
     html, md = write_report(run_dir)
     return {"complete": True, "step": state["step"], "model": model_uri, "eval": final, "report": html,
             "summary": md}
+
+
+def final_rows(cfg: Config, manifest: dict) -> tuple[pa.Table, pa.Table]:
+    """(training rows for the baselines: id, split, text and answer of at most BASELINE_TRAIN_ROWS; the first
+    train.final_eval_rows held-out rows) in the run's data order, read shard by shard: never the whole set."""
+    uri, shards, t = cfg.records.uri, manifest["shards"], cfg.train
+    light = ["id", "split", "text", "answer"]
+    n_train = min(t.max_train_rows or BASELINE_TRAIN_ROWS, BASELINE_TRAIN_ROWS)
+    if data_mode(t, manifest) == "stream":  # shard order
+        return (split_from_shards(uri, shards, "train", n_train, light),
+                split_from_shards(uri, shards, "eval", t.final_eval_rows or None))
+    train = split_from_shards(uri, shards, "train", columns=light).sort_by("id")  # id order, as split_rows
+    held_out = split_from_shards(uri, shards, "eval").sort_by("id")
+    return train.slice(0, n_train), held_out.slice(0, t.final_eval_rows or None)
 
 
 def latest_checkpoint(run_dir: str) -> str:

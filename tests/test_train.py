@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from distill import records
 from distill.config import load_config
 from distill.extract import run_extraction
 from distill.train import MODEL_FILE, finish_run, latest_checkpoint, run_training, split_rows
@@ -78,6 +79,39 @@ def test_resume_continues_exactly(tiny_teacher_dir, tiny_records, tmp_path):
     resumed = train_config(tiny_teacher_dir, tiny_records, tmp_path / "part", "train.prefetch=true")
     assert finish_run(resumed, run_training(resumed))["complete"]
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5, abs=1e-6)
+
+
+def test_streamed_records_resume_exactly(tiny_teacher_dir, tiny_records, tmp_path):
+    """train.data=stream (windows of one 20-row shard here): an interrupted and resumed run gives the
+    uninterrupted run's losses; the final evaluation reads the held-out rows shard by shard."""
+    stream = ("train.data=stream", "train.stream_window_rows=8")
+    whole = train_config(tiny_teacher_dir, tiny_records, tmp_path / "whole", *stream)
+    outcome = finish_run(whole, run_training(whole))
+    held_out = records.read_records(tiny_records).column("split").to_pylist().count("eval")
+    assert outcome["complete"] and outcome["eval"]["n"] == held_out > 0
+    part = train_config(tiny_teacher_dir, tiny_records, tmp_path / "part", *stream, "train.stop_after_steps=3",
+                        "train.prefetch=true")
+    assert not finish_run(part, run_training(part))["complete"]
+    resumed = train_config(tiny_teacher_dir, tiny_records, tmp_path / "part", *stream, "train.prefetch=true")
+    assert finish_run(resumed, run_training(resumed))["complete"]
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5, abs=1e-6)
+    first = json.loads(Path(tmp_path / "whole", "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rss_peak_mb"] >= first["mem_mb"] > 0
+
+
+@pytest.mark.slow
+def test_streamed_worker_memory_does_not_grow_with_the_records(tiny_teacher_dir, tiny_records, tmp_path):
+    """jobs.train_memory at a small scale (the README's figures are its full-size run): 8x the records
+    (25 MB -> 200 MB of shards), the same worker peak RSS; the in-memory path would hold them all."""
+    from jobs.train_memory import synthesise, train
+
+    peaks = []
+    for n in (1000, 8000):
+        uri = str(tmp_path / f"records-{n}")
+        synthesise(tiny_records, uri, n, shard_size=32)
+        got = train(tiny_teacher_dir, uri, tmp_path / f"run-{n}", "stream", 20, ["train.stream_window_rows=128"])
+        peaks.append(got["rss_peak_mb"])
+    assert peaks[1] < peaks[0] + 60, peaks
 
 
 def test_compiled_forward_matches_golden_losses(tiny_teacher_dir, tiny_records, tmp_path):
