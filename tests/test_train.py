@@ -99,7 +99,7 @@ def test_streamed_records_resume_exactly(tiny_teacher_dir, tiny_records, tmp_pat
     assert first["rss_peak_mb"] >= first["mem_mb"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.scale
 def test_streamed_worker_memory_does_not_grow_with_the_records(tiny_teacher_dir, tiny_records, tmp_path):
     """jobs.train_memory at a small scale (the README's figures are its full-size run): 8x the records
     (25 MB -> 200 MB of shards), the same worker peak RSS; the in-memory path would hold them all."""
