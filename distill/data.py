@@ -221,7 +221,7 @@ class StreamedRows:
 
     def layout(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         """(the epoch's windows as arrays of shard indices, the position in the epoch's order where each
-        starts, and n)."""
+        starts)."""
         if epoch not in self.layouts:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             used = np.flatnonzero(self.quota)

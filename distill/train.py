@@ -522,12 +522,11 @@ class Loop:
 
         if self.rank == 0:
             say(f"[train] {self.rows.n} train records ({self.data_mode}), {self.eval_rows.num_rows} held-out "
-                f"evaluated per epoch; "
-                  f"{self.world} worker(s), {self.t.strategy}"
-                  + (f" ZeRO-{self.t.zero_stage}" if self.t.strategy == "deepspeed" else "")
-                  + f", {'bf16' if self.bf16 else 'fp32'} on {self.device}; global batch {self.global_batch}; "
-                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
-                  + (f"; resumed at step {self.step}" if self.restored else ""))
+                f"evaluated per epoch; {self.world} worker(s), {self.t.strategy}"
+                + (f" ZeRO-{self.t.zero_stage}" if self.t.strategy == "deepspeed" else "")
+                + f", {'bf16' if self.bf16 else 'fp32'} on {self.device}; global batch {self.global_batch}; "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+                + (f"; resumed at step {self.step}" if self.restored else ""))
             say(format_param_overview(self.module.param_overview()))
         self.engine.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
