@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -60,7 +61,7 @@ import torch
 from distill import records, storage
 from distill.config import Config, ConfigError, TrainConfig, config_to_dict, load_config
 from distill.data import Batch
-from distill.extract import Prepared, ShardWriter, prepare, shard_items
+from distill.extract import Prepared, ShardWriter, prepare, shard_item
 from distill.inference import StudentModel, load_artifact
 from distill.losses import DistillLoss
 from distill.model import PRESET_FIELDS, PRESETS, StudentConfig, build_student
@@ -440,7 +441,7 @@ def run_bench(cfg: Config, spec: BenchSpec) -> dict:
     cfg = dataclasses.replace(cfg, student=dataclasses.replace(
         cfg.student, input_vocab_size=cfg.student.input_vocab_size or len(p.tokenizer)))
     p = dataclasses.replace(p, cfg=cfg)
-    shard = shard_items(p, [0])[0]  # the first N kept comments, encoded as extraction encodes them
+    shard = shard_item(p.corpus, 0, p.tokenizer)  # the first N kept comments, encoded as extraction encodes them
     teacher = load_teacher(cfg.teacher, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer, device)
     student, student_name = bench_student(spec.model, p, device)
     extraction, classification = bench_answers(teacher, student, shard, cfg.teacher.batch_size, spec.repeats,
@@ -573,7 +574,9 @@ def add_bench_args(parser) -> None:
 def cmd_bench(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = [f"records.uri={storage.join(args.out, 'records')}", *args.overrides]  # prepare may quarantine there
+    # The kept corpus (in shards of --comments) and its quarantine are scratch: a fresh place per run.
+    scratch = tempfile.TemporaryDirectory(prefix="distill-bench-")
+    overrides = [f"records.uri={scratch.name}", *args.overrides]
     if args.teacher_batch is not None:
         overrides.append(f"teacher.batch_size={args.teacher_batch}")
     cfg = load_config(args.config, overrides)
@@ -587,4 +590,5 @@ def cmd_bench(args) -> None:
     spec = BenchSpec(comments=args.comments, presets=tuple(x for x in args.presets.split(",") if x),
                      train_steps=args.train_steps, warmup_steps=args.warmup_steps, repeats=args.repeats,
                      model=args.model, compare_precision=args.compare_precision, command=command)
-    print(write_bench(run_bench(cfg, spec), args.out))
+    with scratch:
+        print(write_bench(run_bench(cfg, spec), args.out))

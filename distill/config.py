@@ -67,6 +67,12 @@ class CorpusConfig:
     slice of a corpus, e.g. a held-out tail, can be extracted on its own."""
     limit: Optional[int] = None
     """Keep at most this many comments (after filtering and `skip`), in corpus order; null = all."""
+    engine: str = "auto"
+    """Who reads the corpus: local (the driver, one process) | ray (Ray Data: parallel parse, filter,
+    tokenize and dedupe, the driver's memory bounded) | auto (ray when the corpus files hold more than
+    `ray_above_mb`). Both keep the same comments in the same order."""
+    ray_above_mb: int = 256
+    """corpus.engine=auto reads with Ray Data above this many MB of corpus files (as stored, compressed)."""
 
     def __post_init__(self):
         _check(len(self.paths) > 0, "corpus.paths", self.paths, "give at least one corpus file")
@@ -78,6 +84,8 @@ class CorpusConfig:
         _check(0.0 <= self.eval_fraction < 1.0, "corpus.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _check(self.skip >= 0, "corpus.skip", self.skip, "must be >= 0")
         _check(self.limit is None or self.limit > 0, "corpus.limit", self.limit, "must be positive or null")
+        _check(self.engine in ("auto", "local", "ray"), "corpus.engine", self.engine, "must be auto, local or ray")
+        _check(self.ray_above_mb >= 0, "corpus.ray_above_mb", self.ray_above_mb, "must be >= 0")
 
 
 @dataclass
@@ -104,9 +112,12 @@ class VocabConfig:
     must equal its size (it is not changed silently: student.output_vocab_size must match it too),
     its required tokens must be those of the task's answer grammar, and it must come from the same
     tokenizer; else extraction stops with one line. null = build the vocabulary from the corpus."""
+    sample_comments: int = 1_000_000
+    """A vocabulary built from the corpus counts tokens in its first this many kept comments."""
 
     def __post_init__(self):
         _check(self.size >= 2, "vocab.size", self.size, "must be >= 2")
+        _check(self.sample_comments >= 1, "vocab.sample_comments", self.sample_comments, "must be >= 1")
 
 
 @dataclass

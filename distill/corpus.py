@@ -22,7 +22,8 @@ Every row read lands in exactly one place, and the first reason that applies win
                  malformed_json, malformed_csv, bad_columns, no_text, no_id, bad_encoding
     dropped      filtered out on purpose, counted: empty, deleted, url, special_tag,
                  markup, then (after counting teacher tokens) too_short, too_long,
-                 duplicate (same text as a kept row), duplicate_id (same id as a kept row),
+                 duplicate (same text as an earlier row that passed the filters above),
+                 duplicate_id (same id as an earlier row kept, of another text),
                  skipped (the first `corpus.skip` rows that would be kept; later rows are
                  still deduplicated against them)
     kept         a row of the returned table, until `corpus.limit` rows are kept
@@ -206,8 +207,10 @@ class _Bad(NamedTuple):
 _Row = Union[dict, _Bad]  # a row's fields, or why it is bad input
 
 
-def _rows(files: list[tuple[str, str]], cfg: CorpusConfig) -> Iterator[tuple[str, int, _Row]]:
-    """(file, 1-based line or row number, fields or _Bad) of every row of every file, streaming."""
+def _rows(files: list[tuple[str, str]], cfg: CorpusConfig,
+          parse_json: bool = True) -> Iterator[tuple[str, int, Union[_Row, str]]]:
+    """(file, 1-based line or row number, fields or _Bad) of every row of every file, streaming.
+    With parse_json=False a JSON line comes as its text, for the caller to parse."""
     for uri, fmt in files:
         try:
             with storage.open_file(uri) as raw:
@@ -219,7 +222,8 @@ def _rows(files: list[tuple[str, str]], cfg: CorpusConfig) -> Iterator[tuple[str
                             raw, read_across_frames=True)
                     # fsspec's own line reading rereads a whole block per line; buffer it ourselves.
                     lines = _lines(io.BufferedReader(raw))
-                    rows = _json_rows(lines) if fmt == "jsonl" else _delimited_rows(lines, fmt, uri, cfg)
+                    rows = (_json_rows(lines, parse_json) if fmt == "jsonl"
+                            else _delimited_rows(lines, fmt, uri, cfg))
                 for number, row in rows:
                     yield uri, number, row
         except CorpusError:
@@ -238,9 +242,12 @@ def _lines(stream: Iterable[bytes]) -> Iterator[str]:
         yield raw.decode("utf-8-sig" if number == 0 else "utf-8", "surrogateescape")
 
 
-def _json_rows(lines: Iterator[str]) -> Iterator[tuple[int, _Row]]:
+def _json_rows(lines: Iterator[str], parse: bool = True) -> Iterator[tuple[int, Union[_Row, str]]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
+            continue
+        if not parse:
+            yield number, line
             continue
         try:
             fields = json.loads(line)
@@ -302,8 +309,8 @@ class _CorpusBuilder:
         self.columns: dict[str, list[str]] = {name: [] for name in ["id", "text", "split", *cfg.label_fields]}
         self.quarantine: list[str] = []  # JSON lines
         self.pending: list[tuple[str, str, list[str]]] = []  # (id, text, labels) waiting for token counts
-        self.kept_texts: set[str] = set()
-        self.kept_ids: set[str] = set()
+        self.seen_texts: set[str] = set()  # texts of rows that passed the filters
+        self.kept_ids: set[str] = set()  # ids of rows kept (or skipped)
 
     @property
     def skipped(self) -> int:
@@ -315,20 +322,15 @@ class _CorpusBuilder:
 
     def add(self, file: str, line: int, row: _Row) -> None:
         self.stats.read += 1
-        comment = row if isinstance(row, _Bad) else _comment(row, self.cfg)
-        if isinstance(comment, _Bad):
-            self.stats.quarantined[comment.reason] += 1
-            excerpt = _SURROGATE.sub("\ufffd", comment.excerpt[:EXCERPT_CHARS])  # undecodable bytes show as �
-            self.quarantine.append(json.dumps({"file": file, "line": line, "reason": comment.reason,
-                                               "excerpt": excerpt}, ensure_ascii=False) + "\n")
+        verdict = screen(row, self.cfg)
+        if isinstance(verdict, _Bad):
+            self.stats.quarantined[verdict.reason] += 1
+            self.quarantine.append(quarantine_line(file, line, verdict))
             return
-        row_id, raw_text, labels = comment
-        text = _LINE_BREAKS.sub(" ", raw_text.strip())
-        reason = _cheap_drop_reason(raw_text, text)
-        if reason is not None:
-            self.stats.dropped[reason] += 1
+        if isinstance(verdict, str):
+            self.stats.dropped[verdict] += 1
             return
-        self.pending.append((row_id, text, labels))
+        self.pending.append(verdict)
         # With a limit, never count more texts than could still be skipped or kept: reading stops right at it.
         remaining = (TOKEN_BATCH if self.cfg.limit is None
                      else self.cfg.skip - self.skipped + self.cfg.limit - self.stats.kept)
@@ -340,15 +342,17 @@ class _CorpusBuilder:
             return
         counts = self.count_tokens([text for _, text, _ in self.pending])
         for (row_id, text, labels), n_tokens in zip(self.pending, counts, strict=True):
-            reason = ("too_short" if n_tokens < self.cfg.min_tokens
-                      else "too_long" if n_tokens > self.cfg.max_tokens
-                      else "duplicate" if text in self.kept_texts
-                      else "duplicate_id" if row_id in self.kept_ids
-                      else None)
-            if reason is None and self.skipped < self.cfg.skip:
-                reason = "skipped"
-                self.kept_texts.add(text)  # a run without skip keeps it: later duplicates of it are dropped
-                self.kept_ids.add(row_id)
+            reason = length_reason(n_tokens, self.cfg)
+            if reason is None and text in self.seen_texts:
+                reason = "duplicate"
+            elif reason is None:
+                self.seen_texts.add(text)
+                if row_id in self.kept_ids:
+                    reason = "duplicate_id"
+            if reason is None:
+                self.kept_ids.add(row_id)  # skipped or kept: a run without skip keeps it
+                if self.skipped < self.cfg.skip:
+                    reason = "skipped"
             if reason is not None:
                 self.stats.dropped[reason] += 1
             else:
@@ -359,8 +363,6 @@ class _CorpusBuilder:
         split = split_for(row_id, self.cfg.split_salt, self.cfg.eval_fraction)
         for name, value in zip(self.columns, [row_id, text, split, *labels]):
             self.columns[name].append(value)
-        self.kept_texts.add(text)
-        self.kept_ids.add(row_id)
         self.stats.kept += 1
         self.stats.kept_eval += split == "eval"
 
@@ -368,6 +370,26 @@ class _CorpusBuilder:
         schema = pa.schema([(name, pa.string()) for name in self.columns],
                            metadata={"distill.corpus_version": str(CORPUS_VERSION)})
         return pa.table(self.columns, schema=schema)
+
+
+def screen(row: _Row, cfg: CorpusConfig) -> Union[_Bad, str, tuple[str, str, list[str]]]:
+    """A row before its tokens are counted: bad input (_Bad), a drop reason (str), or (id, text, labels)."""
+    comment = row if isinstance(row, _Bad) else _comment(row, cfg)
+    if isinstance(comment, _Bad):
+        return comment
+    row_id, raw_text, labels = comment
+    text = _LINE_BREAKS.sub(" ", raw_text.strip())
+    return _cheap_drop_reason(raw_text, text) or (row_id, text, labels)
+
+
+def length_reason(n_tokens: int, cfg: CorpusConfig) -> Optional[str]:
+    return "too_short" if n_tokens < cfg.min_tokens else "too_long" if n_tokens > cfg.max_tokens else None
+
+
+def quarantine_line(file: str, line: int, bad: _Bad) -> str:
+    """One JSON line of the quarantine file; undecodable bytes show as \ufffd."""
+    excerpt = _SURROGATE.sub("\ufffd", bad.excerpt[:EXCERPT_CHARS])
+    return json.dumps({"file": file, "line": line, "reason": bad.reason, "excerpt": excerpt}, ensure_ascii=False) + "\n"
 
 
 def _comment(fields: dict, cfg: CorpusConfig) -> Union[tuple[str, str, list[str]], _Bad]:

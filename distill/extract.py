@@ -2,19 +2,22 @@
 
     distill extract --config jobs/configs/gemma3-270m_to_270m-layers0-3_cpu.yaml records.uri=s3://bucket/run/records
 
-1. Prepare (driver, before any long work): load the tokenizer and task, build the
-   answer grammar and output vocabulary, read and filter the corpus, check the output
-   location is writable. Kept comments are cut into shards of `records.shard_size`
-   in corpus order. With `vocab.from_uri` the vocabulary is not built but taken, ids
+1. Prepare (driver, before any long work): check the output location is writable, load
+   the tokenizer and task, build the answer grammar, read, filter and dedupe the corpus
+   into Parquet parts beside the records (`distill.ingest`: in the driver for small
+   corpora, on Ray Data for a Reddit month, the driver's memory bounded either way; a
+   rerun reuses finished parts), and build the output vocabulary from its first kept
+   comments. Kept comments are cut into shards of `records.shard_size` in corpus order. With `vocab.from_uri` the vocabulary is not built but taken, ids
    and order unchanged, from a model artifact or record set (`reused_vocab`), and
    checked against the run first: records made so can evaluate or train that model.
 2. Pin the plan: `plan.json` records which comment ids go to which shard and what the
    records are made with. A rerun against the same location must produce the same
    plan (else it stops with one line saying what differs), and skips every shard that
    already exists: shards are written whole or not at all, so no comment is written twice.
-3. Extract: the missing shards go through `ray.data.from_items(...).map_batches(ShardWriter)`,
+3. Extract: the missing shards' indices go through `ray.data.from_items(...).map_batches(ShardWriter)`,
    a callable class that loads the teacher once per actor (one actor per GPU, or one
-   on a CPU machine), answers each shard in teacher batches and writes the shard itself;
+   on a CPU machine), reads each shard's comments from the corpus parts, answers them
+   in teacher batches and writes the shard itself;
    only a small summary per shard returns to the driver, which shows progress and records/s.
 4. Seal: `manifest.json` (format version, teacher, tokenizer hash, vocabulary and where it
    came from (`vocab_source`: null = built from the corpus, else vocab.from_uri), task,
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
+import itertools
 import json
 import os
 import time
@@ -37,7 +40,8 @@ from tqdm import tqdm
 from distill import records, storage
 from distill.config import Config, ConfigError, config_to_dict, config_to_yaml
 from distill.constrained import AnswerGrammar, end_of_answer_id
-from distill.corpus import CorpusStats, read_corpus
+from distill.corpus import CorpusStats
+from distill.ingest import CORPUS_DIR, INDEX_NAME, KeptCorpus, ingest
 from distill.runtime import init_ray
 from distill.task import Task, load_task, resolve_style
 from distill.teacher import load_teacher, load_tokenizer, teacher_fingerprint, tokenizer_hash
@@ -56,7 +60,7 @@ class Prepared:
     suffix: str
     grammar: AnswerGrammar
     vocab: OutputVocab
-    corpus: pa.Table
+    corpus: KeptCorpus
     stats: CorpusStats
 
 
@@ -77,13 +81,14 @@ def prepare(cfg: Config) -> Prepared:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     reused = reused_vocab(cfg, grammar, tokenizer) if cfg.vocab.from_uri is not None else None
-    corpus, stats = read_corpus(cfg.corpus, count_tokens, storage.join(cfg.records.uri, "quarantine.jsonl"))
+    corpus = ingest(cfg, count_tokens, tokenizer_hash(tokenizer))
     if reused is not None:
         vocab = reused
     else:
-        vocab = build_output_vocab(grammar, tokenizer, cfg.vocab.size, prefix + suffix,
-                                   corpus.column("text").to_pylist())
-    return Prepared(cfg, tokenizer, task, style, prefix, suffix, grammar, vocab, corpus, stats)
+        n = cfg.vocab.sample_comments
+        texts = (text for table in corpus.tables(limit=n) for text in table.column("text").to_pylist())
+        vocab = build_output_vocab(grammar, tokenizer, cfg.vocab.size, prefix + suffix, itertools.islice(texts, n))
+    return Prepared(cfg, tokenizer, task, style, prefix, suffix, grammar, vocab, corpus, corpus.stats)
 
 
 def read_vocab_source(uri: str) -> tuple[OutputVocab, str | None, str]:
@@ -147,9 +152,6 @@ def corpus_stats_dict(stats: CorpusStats) -> dict:
 
 
 def make_plan(p: Prepared) -> dict:
-    ids = p.corpus.column("id").to_pylist()
-    size = p.cfg.records.shard_size
-    shards = [ids[i:i + size] for i in range(0, len(ids), size)]
     return {
         "format_version": records.RECORDS_FORMAT_VERSION,
         "teacher": teacher_fingerprint(p.cfg.teacher),
@@ -163,8 +165,8 @@ def make_plan(p: Prepared) -> dict:
         "decoding": {"method": "greedy", "constrained": True, "end_id": p.grammar.end_id},
         "automaton": automaton_spec(p.grammar, p.vocab),
         "logits_dtype": p.cfg.records.logits_dtype,
-        "shard_size": size,
-        "shard_ids_sha256": [hashlib.sha256("\n".join(s).encode()).hexdigest() for s in shards],
+        "shard_size": p.cfg.records.shard_size,
+        "shard_ids_sha256": p.corpus.index["shard_ids_sha256"],  # sha256 of each shard's ids, one per line
     }
 
 
@@ -202,11 +204,14 @@ class ShardWriter:
         self.teacher = load(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
                             OutputVocab.from_dict(plan["vocab"]), tokenizer)
         self.runtime = self.teacher.runtime()  # what teacher.dtype=auto became here, written into every shard
+        corpus_uri = storage.join(cfg.records.uri, CORPUS_DIR)
+        self.corpus = KeptCorpus(corpus_uri, records.read_json(corpus_uri, INDEX_NAME))
 
     def __call__(self, batch: pa.Table) -> dict:
         out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}
-        for shard in batch.to_pylist():
+        for k in batch.column("index").to_pylist():
             start = time.perf_counter()
+            shard = shard_item(self.corpus, k, self.teacher.tokenizer)
             rows = self.answer_shard(shard)
             entry = records.write_shard(self.cfg.records.uri, shard["index"], rows, self.runtime)
             for key in ("index", "rows", "bytes", "sha256"):
@@ -238,24 +243,21 @@ class ShardWriter:
         return rows
 
 
-def shard_items(p: Prepared, todo: list[int]) -> list[dict]:
-    t = p.corpus
+def shard_item(corpus: KeptCorpus, k: int, tokenizer) -> dict:
+    """Shard k's comments as the teacher takes them: ids, texts, splits, provenance, encoded comments."""
+    t = corpus.shard(k)
     label_fields = [c for c in t.column_names if c not in ("id", "text", "split")]
-    ids, texts, splits = (t.column(c).to_pylist() for c in ("id", "text", "split"))
-    labels = {c: t.column(c).to_pylist() for c in label_fields}
-    size = p.cfg.records.shard_size
-    items = []
-    for k in todo:
-        sl = range(k * size, min((k + 1) * size, len(ids)))
-        items.append({
-            "index": k,
-            "ids": [ids[i] for i in sl],
-            "texts": [texts[i] for i in sl],
-            "splits": [splits[i] for i in sl],
-            "provenance": [json.dumps({c: labels[c][i] for c in label_fields}) for i in sl],
-            "comment_ids": [encode_comment(p.tokenizer, texts[i]) for i in sl],
-        })
-    return items
+    texts = t.column("text").to_pylist()
+    labels = [t.column(c).to_pylist() for c in label_fields]
+    return {
+        "index": k,
+        "ids": t.column("id").to_pylist(),
+        "texts": texts,
+        "splits": t.column("split").to_pylist(),
+        "provenance": [json.dumps(dict(zip(label_fields, values))) for values in zip(*labels)]
+        if label_fields else ["{}"] * len(texts),
+        "comment_ids": [encode_comment(tokenizer, text) for text in texts],
+    }
 
 
 def actor_resources(cfg: Config) -> tuple[int, dict, int]:
@@ -287,7 +289,7 @@ def run_extraction(cfg: Config) -> dict:
     pin_plan(uri, plan)
     storage.write_bytes(storage.join(uri, "config.yaml"), config_to_yaml(cfg).encode())
 
-    n_shards = len(plan["shard_ids_sha256"])
+    n_shards = p.corpus.n_shards
     done = records.existing_shards(uri)
     todo = [k for k in range(n_shards) if k not in done]
     print(f"[extract] {n_shards} shards of up to {cfg.records.shard_size} comments -> {uri}; "
@@ -297,12 +299,12 @@ def run_extraction(cfg: Config) -> dict:
     if todo:
         init_ray()
         n_actors, resources, threads = actor_resources(cfg)
-        ds = ray.data.from_items(shard_items(p, todo), override_num_blocks=len(todo)).map_batches(
+        ds = ray.data.from_items([{"index": k} for k in todo], override_num_blocks=len(todo)).map_batches(
             ShardWriter, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
             fn_constructor_kwargs=dict(cfg=cfg, threads=threads),
             # Ray Data restarts a lost actor and retries its shard; shards are whole files, so nothing doubles.
             **resources)
-        todo_rows = sum(min(cfg.records.shard_size, p.corpus.num_rows - k * cfg.records.shard_size) for k in todo)
+        todo_rows = sum(p.corpus.shard_rows(k) for k in todo)
         t0 = time.perf_counter()
         with tqdm(total=todo_rows, unit="comment", desc="extract", dynamic_ncols=True) as bar:
             for row in ds.iter_rows():

@@ -74,6 +74,17 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def put_file(local_path: str, uri: str) -> None:
+    """Move a finished local file to `uri` whole (rename locally, upload to S3), without reading it into memory."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fs.put_file(local_path, path)
+        os.remove(local_path)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.replace(local_path, path)
+
+
 def list_files(uri: str) -> list[str]:
     """Full URIs of the files directly under a directory/prefix (empty if it does not exist)."""
     fs, path = filesystem(uri)

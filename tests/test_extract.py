@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_logits_equal_an_unbatched_forward_pass(tiny_prepared, tiny_teacher_model):
     p = tiny_prepared
     teacher = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab)
-    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:7]]
+    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.head(7).column("text").to_pylist()]
     assert len({len(c) for c in comments}) > 1  # different lengths, so the batch is padded
     answers = teacher.answer_plain(comments)
     vocab_ids = torch.tensor(p.vocab.ids)
@@ -52,7 +52,7 @@ def test_logits_equal_an_unbatched_forward_pass(tiny_prepared, tiny_teacher_mode
 def test_fast_path_gives_the_plain_paths_answers_and_logits(tiny_prepared, tiny_teacher_model):
     p = tiny_prepared
     teacher = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab)
-    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:9]]
+    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.head(9).column("text").to_pylist()]
     plain, fast = teacher.answer_plain(comments), teacher.answer_fast(comments)
     for a, b in zip(plain, fast):
         assert a.teacher_ids == b.teacher_ids and a.vocab_indices == b.vocab_indices
@@ -152,7 +152,7 @@ def test_later_comments_in_the_models_vocabulary_evaluate_the_model(tiny_teacher
     first_ids = records.read_records(first_records).column("id").to_pylist()
     later_table = records.read_records(later_uri)
     # the next 8 comments, none of the first ones (tiny_prepared: the first 24)
-    assert first_ids + later_table.column("id").to_pylist() == p.corpus.column("id").to_pylist()[:16]
+    assert first_ids + later_table.column("id").to_pylist() == p.corpus.head(16).column("id").to_pylist()
 
     capsys.readouterr()
     assert main(["eval", model, later_uri, "--split", "all"]) == 0

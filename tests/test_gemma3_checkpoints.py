@@ -107,7 +107,7 @@ def checkpoint(request, gemma_tokenizer, tmp_path_factory):
 
 
 def comments(p, n: int = 6) -> list[list[int]]:
-    return [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:n]]
+    return [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.head(n).column("text").to_pylist()]
 
 
 def assert_same_records(a, b) -> None:

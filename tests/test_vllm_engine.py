@@ -25,7 +25,7 @@ import torch
 from distill import records, vllm_engine
 from distill.config import ConfigError, load_config
 from distill.constrained import AnswerAutomaton
-from distill.extract import ShardWriter, make_plan, pin_plan, prepare, shard_items
+from distill.extract import ShardWriter, make_plan, pin_plan, prepare, shard_item
 from distill.losses import forward_kl
 from distill.teacher import Teacher
 from distill.vllm_engine import (SHIFT, AnswerAutomatonLogitsCore, VLLMEngineError, VLLMTeacher,
@@ -547,7 +547,7 @@ def test_a_random_teacher_is_the_published_config_with_dummy_weights(tiny_prepar
 @pytest.mark.parametrize("flat", [False, True])
 def test_simulated_engine_gives_the_transformers_teachers_answers_and_logits(tiny_prepared, tiny_teacher_model, flat):
     p = tiny_prepared
-    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:7]]
+    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.head(7).column("text").to_pylist()]
     reference = Teacher(tiny_teacher_model, p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab).answer_plain(comments)
     engine = VLLMTeacher(FakeLLM(tiny_teacher_model), p.tokenizer, p.prefix, p.suffix, p.grammar, p.vocab,
                          FlatSamplingParams if flat else SamplingParams)
@@ -563,7 +563,7 @@ def test_extraction_actor_uses_the_vllm_engine_and_writes_the_same_rows(tiny_tea
     cfg = tiny_config(tiny_teacher_dir, str(tmp_path / "records"))
     p = prepare(cfg)
     pin_plan(cfg.records.uri, make_plan(p))
-    shard = shard_items(p, [0])[0]
+    shard = shard_item(p.corpus, 0, p.tokenizer)
     threads = torch.get_num_threads()
     reference = ShardWriter(cfg, threads=1).answer_shard(shard)
 
@@ -613,7 +613,7 @@ def test_vllm_matches_transformers_teacher(tiny_prepared, tiny_teacher_dir):
     p = tiny_prepared
     cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "teacher.engine=vllm", f"teacher.dtype={dtype}",
                              "teacher.vllm_gpu_memory_utilization=0.3"]).teacher
-    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.column("text").to_pylist()[:12]]
+    comments = [p.tokenizer.encode(t, add_special_tokens=False) for t in p.corpus.head(12).column("text").to_pylist()]
     got = load_vllm_teacher(cfg, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer).answer(comments)
     reference = load_teacher(cfg, p.prefix, p.suffix, p.grammar, p.vocab, p.tokenizer,
                              device=torch.device("cuda")).answer_plain(comments)
@@ -629,7 +629,7 @@ def test_bench_times_both_engines_on_a_whole_shard_and_counts_agreement(tiny_tea
 
     cfg = tiny_config(tiny_teacher_dir, str(tmp_path / "records"), "teacher.engine=vllm", "corpus.limit=6")
     p = prepare(cfg)
-    shard = shard_items(p, [0])[0]
+    shard = shard_item(p.corpus, 0, p.tokenizer)
     monkeypatch.setattr(vllm_engine, "load_vllm_teacher", lambda tcfg, prefix, suffix, grammar, vocab, tokenizer,
                         max_comment_tokens: VLLMTeacher(FakeLLM(tiny_teacher_model), tokenizer, prefix, suffix,
                                                         grammar, vocab, SamplingParams))

@@ -1,0 +1,407 @@
+"""The kept corpus, read once and stored beside the records: Parquet parts the teacher reads shard by shard.
+
+    kept = ingest(cfg, count_tokens)   # reads the corpus, or reuses the parts an earlier run finished
+    kept.shard(k)                      # the k-th shard's comments (records.shard_size of them), in corpus order
+
+Two engines keep the same comments in the same order, with the same counts (tested side by side):
+
+    local  the driver reads the corpus itself (`corpus.read_corpus`), stopping at `corpus.limit`;
+           for corpora that fit in its memory
+    ray    Ray Data, for a Reddit month: one read task per file streams its rows in blocks (a `.zst`
+           dump is one stream, decompressed once); parallel tasks parse, screen (`corpus.screen`) and
+           count teacher tokens; two group-bys by a hash of the normalised text, then of the id, drop
+           duplicates (the first occurrence in corpus order wins, so dedupe is exact across blocks and
+           files: it compares texts, the hash only picks the partition); a sort restores corpus order.
+           The driver streams that result into parts and the quarantine file: it holds a block and one
+           part at a time, never the corpus.
+
+`corpus.engine=auto` uses ray when the corpus files hold more than `corpus.ray_above_mb`.
+
+Layout under {records.uri}/corpus/: part-00000.parquet, ... (whole shards, one row group per shard,
+columns id, text, split and the label fields, all strings) and index.json, written last: the parts with
+row counts and sha256, the shards' id hashes (what plan.json pins), the corpus counts, and the settings it
+was made with. A rerun with the same settings reuses the parts; with other settings it stops with one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distill import records, storage
+from distill.config import Config
+from distill.corpus import (CORPUS_VERSION, TOKEN_BATCH, CorpusError, CorpusStats, _Bad, _corpus_files, _rows,
+                            length_reason, quarantine_line, read_corpus, screen, split_for)
+
+CORPUS_DIR = "corpus"
+INDEX_NAME = "index.json"
+PART_ROWS = 65536
+"""Rows per part, rounded down to whole shards (at least one)."""
+BLOCK_ROWS = 16384
+"""Rows per block a Ray read task emits."""
+PARTITION_BYTES = 128 * 2**20
+"""Dedupe partitions: one per this many bytes of corpus files (at least 4)."""
+_LINE_BITS = 40  # a row's position in the corpus: file index << 40 | line
+
+
+@dataclass
+class KeptCorpus:
+    """The kept corpus on storage, as index.json describes it."""
+
+    uri: str
+    index: dict
+
+    @property
+    def rows(self) -> int:
+        return self.index["rows"]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.index["shard_ids_sha256"])
+
+    @property
+    def stats(self) -> CorpusStats:
+        s = self.index["stats"]
+        return CorpusStats(read=s["read"], kept=s["kept"], kept_eval=s["kept_eval"],
+                           dropped=collections.Counter(s["dropped"]), quarantined=collections.Counter(s["quarantined"]),
+                           quarantine_uri=s["quarantine_uri"], limit_reached=s["limit_reached"])
+
+    def shard_rows(self, k: int) -> int:
+        size = self.index["shard_size"]
+        return min(size, self.rows - k * size)
+
+    def shard(self, k: int) -> pa.Table:
+        """The k-th shard's comments: one row group of one part."""
+        per_part = self.index["part_rows"] // self.index["shard_size"]
+        part = self.index["parts"][k // per_part]
+        with storage.open_file(storage.join(self.uri, part["name"])) as f:
+            return pq.ParquetFile(f).read_row_group(k % per_part)
+
+    def head(self, n: int) -> pa.Table:
+        """The first n kept comments (fewer if the corpus keeps fewer)."""
+        return pa.concat_tables(self.tables(limit=n)).slice(0, n)
+
+    def tables(self, limit: Optional[int] = None) -> Iterator[pa.Table]:
+        """The kept comments part by part, in corpus order, until `limit` rows have been given."""
+        given = 0
+        for part in self.index["parts"]:
+            if limit is not None and given >= limit:
+                return
+            table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.uri, part["name"]))))
+            given += table.num_rows
+            yield table
+
+
+def ingest(cfg: Config, count_tokens: Callable[[list[str]], list[int]], tokenizer_hash: str) -> KeptCorpus:
+    """The kept corpus of this run: reused when an earlier run finished it, else read, filtered and stored."""
+    uri = storage.join(cfg.records.uri, CORPUS_DIR)
+    settings = corpus_settings(cfg, tokenizer_hash)
+    index = records.read_json(uri, INDEX_NAME)
+    if index is not None:
+        old = index["settings"]
+        differs = [f"corpus.{k}" for k in settings["corpus"] if old["corpus"].get(k) != settings["corpus"][k]]
+        differs += [k for k in settings if k != "corpus" and old.get(k) != settings[k]]
+        if differs:
+            raise records.RecordsError(
+                f"{cfg.records.uri} holds records of another extraction (its corpus was read with another "
+                f"{differs[0]}); rerun with the same config or choose a new records.uri")
+        return KeptCorpus(uri, index)
+
+    started = time.perf_counter()
+    engine = pick_engine(cfg)
+    quarantine_uri = storage.join(cfg.records.uri, "quarantine.jsonl")
+    writer = PartWriter(uri, cfg.records.shard_size)
+    if engine == "local":
+        table, stats = read_corpus(cfg.corpus, count_tokens, quarantine_uri)
+        writer.add(table)
+    else:
+        stats = ingest_with_ray(cfg, writer, quarantine_uri)
+    writer.close()
+    index = {"corpus_version": CORPUS_VERSION, "settings": settings, "engine": engine,
+             "rows": writer.rows, "shard_size": cfg.records.shard_size, "part_rows": writer.part_rows,
+             "parts": writer.parts, "shard_ids_sha256": writer.shard_hashes,
+             "stats": {"read": stats.read, "kept": stats.kept, "kept_eval": stats.kept_eval,
+                       "dropped": dict(stats.dropped), "quarantined": dict(stats.quarantined),
+                       "quarantine_uri": stats.quarantine_uri, "limit_reached": stats.limit_reached},
+             "seconds": round(time.perf_counter() - started, 3)}
+    records.write_json(uri, INDEX_NAME, index)
+    return KeptCorpus(uri, index)
+
+
+def corpus_settings(cfg: Config, tokenizer_hash: str) -> dict:
+    """What decides the kept corpus: the corpus settings but the engine, the tokenizer, the shard size."""
+    corpus = dataclasses.asdict(cfg.corpus)
+    for key in ("engine", "ray_above_mb"):
+        corpus.pop(key)
+    return {"corpus": corpus, "tokenizer_hash": tokenizer_hash, "shard_size": cfg.records.shard_size}
+
+
+def pick_engine(cfg: Config) -> str:
+    if cfg.corpus.engine != "auto":
+        return cfg.corpus.engine
+    return "ray" if corpus_bytes(_corpus_files(cfg.corpus)) > cfg.corpus.ray_above_mb * 2**20 else "local"
+
+
+def corpus_bytes(files: list[tuple[str, str]]) -> int:
+    total = 0
+    for uri, _ in files:
+        fs, path = storage.filesystem(uri)
+        total += fs.size(path)
+    return total
+
+
+class PartWriter:
+    """Takes kept rows in corpus order; writes whole parts and hashes each shard's ids as plan.json does."""
+
+    def __init__(self, uri: str, shard_size: int):
+        self.uri = uri
+        self.shard_size = shard_size
+        self.part_rows = max(1, PART_ROWS // shard_size) * shard_size
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.parts: list[dict] = []
+        self.shard_hashes: list[str] = []
+        self._shard = hashlib.sha256()
+        self._in_shard = 0
+
+    def add(self, table: pa.Table) -> None:
+        for row_id in table.column("id").to_pylist():
+            self._shard.update((b"\n" if self._in_shard else b"") + row_id.encode())
+            self._in_shard += 1
+            if self._in_shard == self.shard_size:
+                self._end_shard()
+        self.rows += table.num_rows
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.part_rows:
+            self._write(self.part_rows)
+
+    def close(self) -> None:
+        if self._in_shard:
+            self._end_shard()
+        if self.pending_rows:
+            self._write(self.pending_rows)
+
+    def _end_shard(self) -> None:
+        self.shard_hashes.append(self._shard.hexdigest())
+        self._shard, self._in_shard = hashlib.sha256(), 0
+
+    def _write(self, n: int) -> None:
+        table = pa.concat_tables(self.pending).combine_chunks()
+        part, rest = table.slice(0, n), table.slice(n)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        buf = io.BytesIO()
+        pq.write_table(part, buf, row_group_size=self.shard_size)
+        data = buf.getvalue()
+        name = f"part-{len(self.parts):05d}.parquet"
+        storage.write_bytes(storage.join(self.uri, name), data)
+        self.parts.append({"name": name, "rows": part.num_rows, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+
+
+# --- The Ray Data engine -------------------------------------------------------------
+
+def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> CorpusStats:
+    """Read, screen, dedupe and sort the corpus on Ray Data; stream the kept rows into `writer`."""
+    import ray
+    from tqdm import tqdm
+
+    from distill.runtime import init_ray
+
+    cc = cfg.corpus
+    clash = {"id", "text", "split"} & set(cc.label_fields)
+    if clash:
+        raise CorpusError(f"corpus.label_fields may not contain {', '.join(sorted(clash))}: "
+                          "those names are corpus columns")
+    files = _corpus_files(cc)
+    partitions = max(4, math.ceil(corpus_bytes(files) / PARTITION_BYTES))
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
+          .map_batches(read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"files": files, "cfg": cc})
+          .map_batches(Screen, batch_format="pyarrow", batch_size=TOKEN_BATCH,
+                       fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions},
+                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
+          .groupby("text_part", num_partitions=partitions)
+          .map_groups(drop_duplicates, batch_format="pyarrow", fn_kwargs={"key": "text", "reason": "duplicate"})
+          .groupby("id_part", num_partitions=partitions)
+          .map_groups(drop_duplicates, batch_format="pyarrow", fn_kwargs={"key": "id", "reason": "duplicate_id"})
+          .drop_columns(["text_part", "id_part"])
+          .sort("pos"))
+
+    stats = CorpusStats(quarantine_uri=quarantine_uri)
+    columns = ["id", "text", "split", *cc.label_fields]
+    local_dir = None if storage.is_remote(quarantine_uri) else os.path.dirname(os.path.abspath(quarantine_uri))
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    last_pos = -1
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=local_dir, suffix=".tmp", delete=False) as q, \
+            tqdm(total=None, unit="row", desc="corpus", dynamic_ncols=True) as bar:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if batch.num_rows == 0:
+                continue
+            pos = batch.column("pos").to_numpy()
+            if len(pos) and (pos[0] <= last_pos or np.any(np.diff(pos) <= 0)):
+                raise RuntimeError("Ray Data returned corpus rows out of order; rerun")  # guards the sort
+            reason = batch.column("reason")
+            kept = pc.is_null(reason).to_numpy(zero_copy_only=False)
+            # corpus.skip: the first kept rows become "skipped"; corpus.limit: stop at the row that fills it
+            order = np.cumsum(kept)
+            to_skip = max(0, cc.skip - stats.dropped["skipped"])
+            skipped = kept & (order <= to_skip)
+            kept &= ~skipped
+            if cc.limit is not None:
+                room = cc.limit - stats.kept
+                taken = np.cumsum(kept)
+                if taken[-1] >= room:
+                    end = int(np.argmax(taken >= room)) + 1
+                    batch, kept, skipped = batch.slice(0, end), kept[:end], skipped[:end]
+                    reason = batch.column("reason")
+                    stats.limit_reached = True
+            stats.read += batch.num_rows
+            stats.dropped["skipped"] += int(skipped.sum())
+            quarantined = pc.is_valid(batch.column("quarantine")).to_numpy(zero_copy_only=False)
+            for line in batch.column("quarantine").filter(quarantined).to_pylist():
+                q.write(line)
+            for r, n in _value_counts(reason.filter(pc.invert(pa.array(quarantined)))):
+                stats.dropped[r] += n
+            for r, n in _value_counts(reason.filter(pa.array(quarantined))):
+                stats.quarantined[r] += n
+            table = batch.filter(pa.array(kept)).select(columns)
+            stats.kept += table.num_rows
+            stats.kept_eval += pc.sum(pc.equal(table.column("split"), "eval")).as_py() or 0
+            writer.add(table)
+            bar.update(batch.num_rows)
+            bar.set_postfix(kept=f"{stats.kept:,}")
+            last_pos = int(pos[batch.num_rows - 1])
+            if stats.limit_reached:
+                break
+    stats.dropped = +stats.dropped  # no zero counts
+    storage.put_file(q.name, quarantine_uri)
+    if stats.kept == 0:
+        raise CorpusError(f"no comments kept from {', '.join(cc.paths)}: {stats.summary().replace(chr(10), '; ')}")
+    return stats
+
+
+def _value_counts(array: pa.Array) -> list[tuple[str, int]]:
+    return [(d["values"], d["counts"]) for d in pc.value_counts(array.drop_null()).to_pylist()]
+
+
+def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg) -> Iterator[pa.Table]:
+    """Ray task: one corpus file's rows as blocks of (pos, raw JSON object or bad row's excerpt, bad reason).
+
+    JSON lines pass unparsed (parsing is spread over the Screen actors); CSV/TSV/Parquet rows pass as JSON.
+    """
+    (index,) = batch.column("file").to_pylist()
+    uri, fmt = files[index]
+    block: dict[str, list] = {"pos": [], "raw": [], "bad": []}
+    for _, line, row in _rows([(uri, fmt)], cfg, parse_json=False):
+        block["pos"].append(index << _LINE_BITS | line)
+        if isinstance(row, _Bad):
+            block["raw"].append(row.excerpt)
+            block["bad"].append(row.reason)
+        else:
+            block["raw"].append(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False))
+            block["bad"].append(None)
+        if len(block["pos"]) == BLOCK_ROWS:
+            yield _read_block(block)
+            block = {"pos": [], "raw": [], "bad": []}
+    if block["pos"]:
+        yield _read_block(block)
+
+
+def _read_block(block: dict) -> pa.Table:
+    return pa.table({"pos": pa.array(block["pos"], pa.int64()), "raw": pa.array(block["raw"], pa.string()),
+                     "bad": pa.array(block["bad"], pa.string())})
+
+
+class Screen:
+    """Ray actor: parses rows, screens them as `corpus.screen` does, counts teacher tokens, splits and
+    hashes them into dedupe partitions. Every row comes out: kept candidates with reason null."""
+
+    def __init__(self, cfg: Config, files: list[tuple[str, str]], partitions: int):
+        from distill.teacher import load_tokenizer
+
+        self.cfg, self.files, self.partitions = cfg.corpus, files, partitions
+        self.tokenizer = load_tokenizer(cfg.teacher)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cc = self.cfg
+        out: dict[str, list] = {name: [] for name in ["pos", "reason", "quarantine", "id", "text", "split",
+                                                      *cc.label_fields, "text_part", "id_part"]}
+        candidates = []
+        for pos, raw, bad in zip(*(batch.column(c).to_pylist() for c in ("pos", "raw", "bad"))):
+            if bad is not None:
+                row = _Bad(bad, raw)
+            else:
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict):
+                    row = _Bad("malformed_json", raw.rstrip("\r\n"))
+            verdict = screen(row, cc)
+            if isinstance(verdict, tuple):
+                candidates.append((len(out["pos"]), verdict))
+                self._append(out, pos, None, None, verdict)
+            elif isinstance(verdict, _Bad):
+                uri = self.files[pos >> _LINE_BITS][0]
+                line = quarantine_line(uri, pos & ((1 << _LINE_BITS) - 1), verdict)
+                self._append(out, pos, verdict.reason, line, None)
+            else:
+                self._append(out, pos, verdict, None, None)
+        counts = (self.tokenizer([v[1] for _, v in candidates], add_special_tokens=False)["input_ids"]
+                  if candidates else [])
+        for (i, (row_id, text, _)), ids in zip(candidates, counts, strict=True):
+            reason = length_reason(len(ids), cc)
+            if reason is not None:
+                out["reason"][i] = reason
+            else:
+                out["text_part"][i] = _partition(text, self.partitions)
+                out["id_part"][i] = _partition(row_id, self.partitions)
+        return pa.table({name: pa.array(values, pa.int64() if name in ("pos", "text_part", "id_part") else pa.string())
+                         for name, values in out.items()})
+
+    def _append(self, out: dict, pos: int, reason, quarantine, comment) -> None:
+        row_id, text, labels = comment if comment is not None else (None, None, [None] * len(self.cfg.label_fields))
+        for name, value in zip(out, [pos, reason, quarantine, row_id, text,
+                                     split_for(row_id, self.cfg.split_salt, self.cfg.eval_fraction)
+                                     if row_id is not None else None, *labels,
+                                     pos % self.partitions, pos % self.partitions]):
+            out[name].append(value)
+
+
+def _partition(value: str, partitions: int) -> int:
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % partitions
+
+
+def drop_duplicates(group: pa.Table, key: str, reason: str) -> pa.Table:
+    """Ray group-by step: within a partition, a candidate whose `key` an earlier candidate has is `reason`."""
+    candidates = np.nonzero(pc.is_null(group.column("reason")).to_numpy(zero_copy_only=False))[0]
+    first_to_last = candidates[np.argsort(group.column("pos").to_numpy()[candidates], kind="stable")]
+    repeated = np.zeros(group.num_rows, dtype=bool)
+    seen = set()
+    for i, value in zip(first_to_last, group.column(key).take(first_to_last).to_pylist()):
+        if value in seen:
+            repeated[i] = True
+        else:
+            seen.add(value)
+    marked = pc.if_else(pa.array(repeated), pa.scalar(reason), group.column("reason"))
+    return group.set_column(group.schema.get_field_index("reason"), "reason", marked)
