@@ -204,8 +204,7 @@ class ShardWriter:
         self.teacher = load(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
                             OutputVocab.from_dict(plan["vocab"]), tokenizer)
         self.runtime = self.teacher.runtime()  # what teacher.dtype=auto became here, written into every shard
-        corpus_uri = storage.join(cfg.records.uri, CORPUS_DIR)
-        self.corpus = KeptCorpus(corpus_uri, records.read_json(corpus_uri, INDEX_NAME))
+        self.corpus = KeptCorpus(storage.join(cfg.records.uri, CORPUS_DIR), records.read_json(cfg.records.uri, INDEX_NAME))
 
     def __call__(self, batch: pa.Table) -> dict:
         out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}

@@ -17,8 +17,8 @@ Two engines keep the same comments in the same order, with the same counts (test
 
 `corpus.engine=auto` uses ray when the corpus files hold more than `corpus.ray_above_mb`.
 
-Layout under {records.uri}/corpus/: part-00000.parquet, ... (whole shards, one row group per shard,
-columns id, text, split and the label fields, all strings) and index.json, written last: the parts with
+Layout: {records.uri}/corpus/part-00000.parquet, ... (whole shards, one row group per shard, columns id,
+text, split and the label fields, all strings), and {records.uri}/corpus.json, written last: the parts with
 row counts and sha256, the shards' id hashes (what plan.json pins), the corpus counts, and the settings it
 was made with. A rerun with the same settings reuses the parts; with other settings it stops with one line.
 """
@@ -48,7 +48,8 @@ from distill.corpus import (CORPUS_VERSION, TOKEN_BATCH, CorpusError, CorpusStat
                             length_reason, quarantine_line, read_corpus, screen, split_for)
 
 CORPUS_DIR = "corpus"
-INDEX_NAME = "index.json"
+INDEX_NAME = "corpus.json"
+"""Beside CORPUS_DIR, not in it: the parts folder is itself a Parquet corpus a later run can read."""
 PART_ROWS = 65536
 """Rows per part, rounded down to whole shards (at least one)."""
 BLOCK_ROWS = 16384
@@ -60,9 +61,10 @@ _LINE_BITS = 40  # a row's position in the corpus: file index << 40 | line
 
 @dataclass
 class KeptCorpus:
-    """The kept corpus on storage, as index.json describes it."""
+    """The kept corpus on storage, as corpus.json describes it."""
 
     uri: str
+    """The parts' folder."""
     index: dict
 
     @property
@@ -110,7 +112,7 @@ def ingest(cfg: Config, count_tokens: Callable[[list[str]], list[int]], tokenize
     """The kept corpus of this run: reused when an earlier run finished it, else read, filtered and stored."""
     uri = storage.join(cfg.records.uri, CORPUS_DIR)
     settings = corpus_settings(cfg, tokenizer_hash)
-    index = records.read_json(uri, INDEX_NAME)
+    index = records.read_json(cfg.records.uri, INDEX_NAME)
     if index is not None:
         old = index["settings"]
         differs = [f"corpus.{k}" for k in settings["corpus"] if old["corpus"].get(k) != settings["corpus"][k]]
@@ -138,7 +140,7 @@ def ingest(cfg: Config, count_tokens: Callable[[list[str]], list[int]], tokenize
                        "dropped": dict(stats.dropped), "quarantined": dict(stats.quarantined),
                        "quarantine_uri": stats.quarantine_uri, "limit_reached": stats.limit_reached},
              "seconds": round(time.perf_counter() - started, 3)}
-    records.write_json(uri, INDEX_NAME, index)
+    records.write_json(cfg.records.uri, INDEX_NAME, index)
     return KeptCorpus(uri, index)
 
 
@@ -235,7 +237,9 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
-          .map_batches(read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"files": files, "cfg": cc})
+          # its own tasks (other resources than Screen's, so not fused into it): a file is read once, screened in parallel
+          .map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                       fn_kwargs={"files": files, "cfg": cc, "block_rows": BLOCK_ROWS})
           .map_batches(Screen, batch_format="pyarrow", batch_size=TOKEN_BATCH,
                        fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions},
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
@@ -304,10 +308,11 @@ def _value_counts(array: pa.Array) -> list[tuple[str, int]]:
     return [(d["values"], d["counts"]) for d in pc.value_counts(array.drop_null()).to_pylist()]
 
 
-def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg) -> Iterator[pa.Table]:
+def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg, block_rows: int) -> Iterator[pa.Table]:
     """Ray task: one corpus file's rows as blocks of (pos, raw JSON object or bad row's excerpt, bad reason).
 
     JSON lines pass unparsed (parsing is spread over the Screen actors); CSV/TSV/Parquet rows pass as JSON.
+    `raw` is bytes: undecodable input travels as it came (surrogateescape), for Screen to quarantine.
     """
     (index,) = batch.column("file").to_pylist()
     uri, fmt = files[index]
@@ -315,12 +320,12 @@ def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg) -> Iterator[p
     for _, line, row in _rows([(uri, fmt)], cfg, parse_json=False):
         block["pos"].append(index << _LINE_BITS | line)
         if isinstance(row, _Bad):
-            block["raw"].append(row.excerpt)
-            block["bad"].append(row.reason)
+            raw, bad = row.excerpt, row.reason
         else:
-            block["raw"].append(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False))
-            block["bad"].append(None)
-        if len(block["pos"]) == BLOCK_ROWS:
+            raw, bad = (row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)), None
+        block["raw"].append(raw.encode("utf-8", "surrogateescape"))
+        block["bad"].append(bad)
+        if len(block["pos"]) == block_rows:
             yield _read_block(block)
             block = {"pos": [], "raw": [], "bad": []}
     if block["pos"]:
@@ -328,7 +333,7 @@ def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg) -> Iterator[p
 
 
 def _read_block(block: dict) -> pa.Table:
-    return pa.table({"pos": pa.array(block["pos"], pa.int64()), "raw": pa.array(block["raw"], pa.string()),
+    return pa.table({"pos": pa.array(block["pos"], pa.int64()), "raw": pa.array(block["raw"], pa.binary()),
                      "bad": pa.array(block["bad"], pa.string())})
 
 
@@ -348,6 +353,7 @@ class Screen:
                                                       *cc.label_fields, "text_part", "id_part"]}
         candidates = []
         for pos, raw, bad in zip(*(batch.column(c).to_pylist() for c in ("pos", "raw", "bad"))):
+            raw = raw.decode("utf-8", "surrogateescape")
             if bad is not None:
                 row = _Bad(bad, raw)
             else:
@@ -358,22 +364,24 @@ class Screen:
                 if not isinstance(row, dict):
                     row = _Bad("malformed_json", raw.rstrip("\r\n"))
             verdict = screen(row, cc)
-            if isinstance(verdict, tuple):
-                candidates.append((len(out["pos"]), verdict))
-                self._append(out, pos, None, None, verdict)
-            elif isinstance(verdict, _Bad):
+            if isinstance(verdict, _Bad):
                 uri = self.files[pos >> _LINE_BITS][0]
                 line = quarantine_line(uri, pos & ((1 << _LINE_BITS) - 1), verdict)
                 self._append(out, pos, verdict.reason, line, None)
-            else:
+            elif isinstance(verdict, str):
                 self._append(out, pos, verdict, None, None)
-        counts = (self.tokenizer([v[1] for _, v in candidates], add_special_tokens=False)["input_ids"]
-                  if candidates else [])
-        for (i, (row_id, text, _)), ids in zip(candidates, counts, strict=True):
-            reason = length_reason(len(ids), cc)
+            else:
+                candidates.append((len(out["pos"]), verdict))
+                self._append(out, pos, None, None, verdict)
+        # the fast tokenizer's own batch encoder: the same ids as tokenizer(...), without building Python lists
+        encodings = (self.tokenizer.backend_tokenizer.encode_batch([v[1] for _, v in candidates],
+                                                                  add_special_tokens=False) if candidates else [])
+        for (i, (row_id, text, _)), encoding in zip(candidates, encodings, strict=True):
+            reason = length_reason(len(encoding.ids), cc)
             if reason is not None:
                 out["reason"][i] = reason
             else:
+                out["split"][i] = split_for(row_id, cc.split_salt, cc.eval_fraction)
                 out["text_part"][i] = _partition(text, self.partitions)
                 out["id_part"][i] = _partition(row_id, self.partitions)
         return pa.table({name: pa.array(values, pa.int64() if name in ("pos", "text_part", "id_part") else pa.string())
@@ -381,9 +389,7 @@ class Screen:
 
     def _append(self, out: dict, pos: int, reason, quarantine, comment) -> None:
         row_id, text, labels = comment if comment is not None else (None, None, [None] * len(self.cfg.label_fields))
-        for name, value in zip(out, [pos, reason, quarantine, row_id, text,
-                                     split_for(row_id, self.cfg.split_salt, self.cfg.eval_fraction)
-                                     if row_id is not None else None, *labels,
+        for name, value in zip(out, [pos, reason, quarantine, row_id, text, None, *labels,
                                      pos % self.partitions, pos % self.partitions]):
             out[name].append(value)
 

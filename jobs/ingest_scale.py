@@ -1,0 +1,206 @@
+"""Corpus ingest at scale: a generated Reddit month on the local S3 server, through Ray Data, memory measured.
+
+    python -m jobs.ingest_scale --rows 1000000 [--out runs/ingest-scale] [--sample 512]
+    python -m jobs.ingest_scale --rows 5000000     # one size per process: getrusage's peak is that size's
+
+1. A dump, `RC_<rows>.zst` under --out (kept for reruns): NDJSON in the Pushshift layout
+   (body, id, author, subreddit, created_utc, score, ... 17 fields), zstd with a 2 GiB window as the
+   real dumps are. Bodies are real Reddit comments (the vendored GoEmotions splits), some verbatim
+   (so later ones are duplicates), most with a distinct tail, some [deleted], with links, too long.
+2. A moto S3 server on 127.0.0.1 in its own process (its memory is not the driver's); the dump is
+   uploaded to s3://distill-scale/.
+3. `distill.ingest.ingest` with corpus.engine=ray reads the dump from S3 and writes the kept corpus to
+   s3://distill-scale/records-<rows>/corpus. Printed: rows read and kept, the counts by reason, seconds,
+   the driver's peak RSS (getrusage) and the largest peak RSS of any Ray worker process (sampled
+   every 0.2 s with psutil; a worker's RSS includes the object-store pages it touched).
+4. The tiny test teacher (random 2-layer Gemma 3, the real tokenizer) extracts the first --sample
+   kept comments of that kept corpus, read as a Parquet corpus from S3. Figures go to ingest-<rows>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import zstandard
+
+BUCKET = "distill-scale"
+
+
+def comments() -> list[str]:
+    """Real comment texts: the vendored GoEmotions train and dev splits."""
+    from distill.config import EMBEDDED_CORPUS, EMBEDDED_TRAIN_CORPUS
+
+    train = zstandard.ZstdDecompressor().decompress(Path(EMBEDDED_TRAIN_CORPUS).read_bytes(),
+                                                    max_output_size=2**30).decode()
+    dev = Path(EMBEDDED_CORPUS).read_text(encoding="utf-8")
+    return [line.split("\t")[0] for line in (train + dev).splitlines() if line]
+
+
+def write_dump(path: Path, rows: int, seed: int = 0) -> None:
+    """`rows` Pushshift-layout lines, zstd with --long=31 as the monthly dumps are."""
+    rng = random.Random(seed)
+    texts = comments()
+    words = sorted({w for t in texts[:5000] for w in t.split() if w.isalpha()})
+    subreddits = ["AskReddit", "funny", "gaming", "worldnews", "aww", "politics", "soccer", "movies"]
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, threads=-1)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f, zstandard.ZstdCompressor(compression_params=params).stream_writer(f) as out:
+        for i in range(rows):
+            kind = rng.random()
+            body = rng.choice(texts)
+            if kind < 0.55:
+                body = f"{body} {rng.choice(words)} {rng.choice(words)} {i % 997}"  # distinct
+            elif kind < 0.70:
+                body = rng.choice(["[deleted]", "[removed]"])
+            elif kind < 0.75:
+                body = f"{body} https://www.reddit.com/r/{rng.choice(subreddits)}/comments/{i:x}"
+            elif kind < 0.85:
+                body = " ".join(rng.choice(texts) for _ in range(4))  # too long for the task
+            sub = rng.choice(subreddits)
+            out.write((json.dumps({
+                "all_awardings": [], "author": f"user{rng.randrange(10**6)}", "author_flair_text": None,
+                "body": body, "controversiality": 0, "created_utc": 1767225600 + i // 2,
+                "distinguished": None, "edited": False, "gilded": 0, "id": f"k{i:09x}",
+                "is_submitter": False, "link_id": f"t3_{rng.randrange(10**8):x}",
+                "parent_id": f"t1_{rng.randrange(10**9):x}", "retrieved_on": 1767300000, "score": rng.randrange(-5, 90),
+                "stickied": False, "subreddit": sub, "subreddit_id": f"t5_{abs(hash(sub)) % 10**6:x}",
+            }) + "\n").encode())
+    tmp.rename(path)
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    return server, endpoint
+
+
+class WorkerRSS:
+    """Peak RSS of every Ray worker process (`ray::...`), sampled on a thread."""
+
+    def __init__(self, every: float = 0.2):
+        self.peak: dict[int, int] = {}
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                        rss = proc.memory_info().rss
+                        self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
+                except Exception:  # noqa: BLE001 - a process that ended between listing and reading
+                    continue
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the generated dump")
+    parser.add_argument("--out", default="runs/ingest-scale")
+    parser.add_argument("--sample", type=int, default=512, help="comments the tiny teacher extracts")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = [args.rows]
+
+    for n in sizes:
+        path = out / f"RC_{n}.zst"
+        if not path.exists():
+            t0 = time.perf_counter()
+            write_dump(path, n)
+            print(f"[dump] {path}: {n:,} rows, {path.stat().st_size / 2**20:,.0f} MiB "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    server, endpoint = start_s3()
+    try:
+        import ray
+
+        from distill import storage
+        from distill.config import load_config
+        from distill.extract import run_extraction
+        from distill.ingest import ingest
+        from distill.teacher import load_tokenizer, tokenizer_hash
+        from jobs.train_memory import tiny_teacher
+
+        storage.filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
+        teacher = tiny_teacher(out / "tiny-teacher")
+        ray.init(address="local", include_dashboard=False)  # after the S3 environment, so workers inherit it
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        results = []
+        for n in sizes:
+            uri = f"s3://{BUCKET}/RC_{n}.zst"
+            storage.filesystem(uri)[0].put_file(str(out / f"RC_{n}.zst"), uri.removeprefix("s3://"))
+            cfg = load_config(None, [f"teacher.model={teacher}", f"corpus.paths=[{uri}]", "corpus.text_field=body",
+                                     "corpus.label_fields=[subreddit]", "corpus.engine=ray",
+                                     f"records.uri=s3://{BUCKET}/records-{n}"])
+            tokenizer = load_tokenizer(cfg.teacher)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            t0 = time.perf_counter()
+            with WorkerRSS() as workers:
+                kept = ingest(cfg, lambda texts: [len(t) for t in tokenizer(texts, add_special_tokens=False)
+                                                  ["input_ids"]], tokenizer_hash(tokenizer))
+            seconds = time.perf_counter() - t0
+            stats = kept.index["stats"]
+            row = {"rows": n, "dump_mib": round((out / f"RC_{n}.zst").stat().st_size / 2**20),
+                   "read": stats["read"], "kept": stats["kept"], "dropped": stats["dropped"],
+                   "quarantined": stats["quarantined"], "seconds": round(seconds),
+                   "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                   "driver_peak_rss_before_mb": round(before / 1024),
+                   "worker_peak_rss_mb": round(max(workers.peak.values(), default=0) / 2**20),
+                   "workers_seen": len(workers.peak)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+        largest = sizes[-1]
+        cfg = load_config(None, [f"teacher.model={teacher}", f"corpus.paths=[s3://{BUCKET}/records-{largest}/corpus]",
+                                 "corpus.label_fields=[subreddit]", f"corpus.limit={args.sample}",
+                                 "teacher.dtype=float32", f"records.uri=s3://{BUCKET}/sample-{largest}"])
+        manifest = run_extraction(cfg)
+        print(f"[teacher] {manifest['rows']} records from the kept corpus of {largest:,} rows", flush=True)
+        (out / f"ingest-{largest}.json").write_text(json.dumps(results, indent=2))
+        print("\n| dump rows | .zst MiB | kept | seconds | driver peak RSS | largest worker peak RSS |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['rows']:,} | {r['dump_mib']:,} | {r['kept']:,} | {r['seconds']:,} | "
+                  f"{r['driver_peak_rss_mb']:,} MB | {r['worker_peak_rss_mb']:,} MB |")
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()
