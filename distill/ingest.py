@@ -54,8 +54,11 @@ PART_ROWS = 65536
 """Rows per part, rounded down to whole shards (at least one)."""
 BLOCK_ROWS = 16384
 """Rows per block a Ray read task emits."""
-PARTITION_BYTES = 128 * 2**20
-"""Dedupe partitions: one per this many bytes of corpus files (at least 4)."""
+PARTITION_BYTES = 16 * 2**20
+"""Dedupe partitions: one per this many bytes of corpus files as stored (at least 4); a 16 MiB share of a
+zstd dump is about 230k comments, what one worker holds while it dedupes its partition."""
+LOCAL_LIMIT_ROWS = 1_000_000
+"""corpus.engine=auto reads in the driver when skip + limit keep at most this many comments."""
 _LINE_BITS = 40  # a row's position in the corpus: file index << 40 | line
 
 
@@ -153,9 +156,15 @@ def corpus_settings(cfg: Config, tokenizer_hash: str) -> dict:
 
 
 def pick_engine(cfg: Config) -> str:
-    if cfg.corpus.engine != "auto":
-        return cfg.corpus.engine
-    return "ray" if corpus_bytes(_corpus_files(cfg.corpus)) > cfg.corpus.ray_above_mb * 2**20 else "local"
+    """corpus.engine, or for auto: local where the driver stops early (a limit of at most LOCAL_LIMIT_ROWS
+    comments: the ray engine reads the whole corpus before the first comment is kept) or the corpus is
+    small, ray otherwise."""
+    cc = cfg.corpus
+    if cc.engine != "auto":
+        return cc.engine
+    if cc.limit is not None and cc.skip + cc.limit <= LOCAL_LIMIT_ROWS:
+        return "local"
+    return "ray" if corpus_bytes(_corpus_files(cc)) > cc.ray_above_mb * 2**20 else "local"
 
 
 def corpus_bytes(files: list[tuple[str, str]]) -> int:
@@ -235,6 +244,7 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
+    ctx.enable_progress_bars = True  # nothing reaches the driver before the sort: Ray Data shows each stage's progress
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
           # its own tasks (other resources than Screen's, so not fused into it): a file is read once, screened in parallel

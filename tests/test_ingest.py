@@ -56,14 +56,14 @@ def build(cfg):
     return ingest.ingest(cfg, count_tokens, tokenizer_hash(tokenizer))
 
 
-@pytest.mark.parametrize("window", [["corpus.skip=40", "corpus.limit=160"]])
-def test_ray_engine_keeps_what_the_driver_keeps(tiny_teacher_dir, tmp_path, monkeypatch, window):
+def test_ray_engine_keeps_what_the_driver_keeps(tiny_teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "BLOCK_ROWS", 37)  # many blocks per file: repeats fall in other blocks
     monkeypatch.setattr(ingest, "PART_ROWS", 40)
     (tmp_path / "corpus").mkdir()
     write_corpus(tmp_path / "corpus")
     common = [f"corpus.paths=[{tmp_path / 'corpus'}]", "corpus.text_field=body", "corpus.label_fields=[subreddit]",
-              "corpus.columns=null", "corpus.limit=null", "records.shard_size=16", *window]
+              "corpus.columns=null", "records.shard_size=16",
+              "corpus.skip=40", "corpus.limit=160"]  # 200 of the 207 the corpus keeps: the cut falls in c.parquet
     kept = {}
     for engine in ("local", "ray"):
         cfg = tiny_config(tiny_teacher_dir, str(tmp_path / engine), f"corpus.engine={engine}", *common)
@@ -86,8 +86,7 @@ def test_ray_engine_keeps_what_the_driver_keeps(tiny_teacher_dir, tmp_path, monk
 
     ids = both[0].column("id").to_pylist()
     assert len(ids) == len(set(ids)) and len(set(both[0].column("text").to_pylist())) == len(ids)
-    if window:
-        assert stats["dropped"]["skipped"] == 40 and local.rows == 160 and stats["limit_reached"]
+    assert stats["dropped"]["skipped"] == 40 and local.rows == 160 and stats["limit_reached"]
 
 
 def test_kept_corpus_shards_and_reuse(tiny_teacher_dir, tmp_path):
@@ -105,3 +104,14 @@ def test_kept_corpus_shards_and_reuse(tiny_teacher_dir, tmp_path):
                         "corpus.min_tokens=5")
     with pytest.raises(records.RecordsError, match="another corpus.min_tokens"):
         build(other)
+
+
+def test_auto_engine_reads_in_the_driver_when_it_can_stop_early(tiny_teacher_dir, tmp_path):
+    def engine(*overrides):
+        return ingest.pick_engine(tiny_config(tiny_teacher_dir, str(tmp_path), *overrides))
+
+    assert engine("corpus.limit=null") == "local"  # the vendored sample: 0.4 MB
+    assert engine("corpus.limit=null", "corpus.ray_above_mb=0") == "ray"
+    assert engine("corpus.limit=5000", "corpus.ray_above_mb=0") == "local"  # the driver stops at the limit
+    assert engine("corpus.limit=999999", "corpus.skip=2", "corpus.ray_above_mb=0") == "ray"
+    assert engine("corpus.engine=ray") == "ray"
