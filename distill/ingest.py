@@ -248,11 +248,14 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
           # its own tasks (other resources than Screen's, so not fused into it): a file is read once, screened in parallel
-          .map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+          .map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                        fn_kwargs={"files": files, "cfg": cc, "block_rows": BLOCK_ROWS})
+          # Ray Data merges what a task yields into blocks of up to 128 MiB: cut them so that all actors get work
+          .repartition(target_num_rows_per_block=BLOCK_ROWS)
           .map_batches(Screen, batch_format="pyarrow", batch_size=TOKEN_BATCH,
                        fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions},
-                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
+                       # half a CPU each, up to one actor per CPU: beside a reading task, a second actor still fits
+                       num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
           .groupby("text_part", num_partitions=partitions)
           .map_groups(drop_duplicates, batch_format="pyarrow", fn_kwargs={"key": "text", "reason": "duplicate"})
           .groupby("id_part", num_partitions=partitions)
