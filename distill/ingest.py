@@ -263,62 +263,71 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
           .drop_columns(["text_part", "id_part"])
           .sort("pos"))
 
-    stats = CorpusStats(quarantine_uri=quarantine_uri)
-    columns = ["id", "text", "split", *cc.label_fields]
     local_dir = None if storage.is_remote(quarantine_uri) else os.path.dirname(os.path.abspath(quarantine_uri))
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
-    last_pos = -1
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=local_dir, suffix=".tmp", delete=False) as q, \
-            tqdm(total=None, unit="row", desc="corpus", dynamic_ncols=True) as bar:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if batch.num_rows == 0:
-                continue
-            pos = batch.column("pos").to_numpy()
-            if len(pos) and (pos[0] <= last_pos or np.any(np.diff(pos) <= 0)):
-                raise RuntimeError("Ray Data returned corpus rows out of order; rerun")  # guards the sort
-            reason = batch.column("reason")
-            kept = pc.is_null(reason).to_numpy(zero_copy_only=False)
-            # corpus.skip: the first kept rows become "skipped"; corpus.limit: stop at the row that fills it
-            order = np.cumsum(kept)
-            to_skip = max(0, cc.skip - stats.dropped["skipped"])
-            skipped = kept & (order <= to_skip)
-            kept &= ~skipped
-            if cc.limit is not None:
-                room = cc.limit - stats.kept
-                taken = np.cumsum(kept)
-                if taken[-1] >= room:
-                    end = int(np.argmax(taken >= room)) + 1
-                    batch, kept, skipped = batch.slice(0, end), kept[:end], skipped[:end]
-                    reason = batch.column("reason")
-                    stats.limit_reached = True
-            stats.read += batch.num_rows
-            stats.dropped["skipped"] += int(skipped.sum())
-            quarantined = pc.is_valid(batch.column("quarantine")).to_numpy(zero_copy_only=False)
-            for line in batch.column("quarantine").filter(quarantined).to_pylist():
-                q.write(line)
-            for r, n in _value_counts(reason.filter(pc.invert(pa.array(quarantined)))):
-                stats.dropped[r] += n
-            for r, n in _value_counts(reason.filter(pa.array(quarantined))):
-                stats.quarantined[r] += n
-            table = batch.filter(pa.array(kept)).select(columns)
-            stats.kept += table.num_rows
-            stats.kept_eval += pc.sum(pc.equal(table.column("split"), "eval")).as_py() or 0
-            writer.add(table)
-            bar.update(batch.num_rows)
-            bar.set_postfix(kept=f"{stats.kept:,}")
-            last_pos = int(pos[batch.num_rows - 1])
-            if stats.limit_reached:
-                break
-    stats.dropped = +stats.dropped  # no zero counts
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=local_dir, suffix=".tmp", delete=False) as q:
+        try:
+            collect = _Collector(cc, writer, q, CorpusStats(quarantine_uri=quarantine_uri))
+            with tqdm(total=None, unit="row", desc="corpus", dynamic_ncols=True) as bar:
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    if collect.take(batch):
+                        break
+                    bar.update(batch.num_rows)
+                    bar.set_postfix(kept=f"{collect.stats.kept:,}")
+        except BaseException:
+            os.remove(q.name)
+            raise
     storage.put_file(q.name, quarantine_uri)
+    stats = collect.stats
+    stats.dropped = +stats.dropped  # no zero counts
     if stats.kept == 0:
         raise CorpusError(f"no comments kept from {', '.join(cc.paths)}: {stats.summary().replace(chr(10), '; ')}")
     return stats
 
 
-def _value_counts(array: pa.Array) -> list[tuple[str, int]]:
-    return [(d["values"], d["counts"]) for d in pc.value_counts(array.drop_null()).to_pylist()]
+class _Collector:
+    """The driver's end: takes the sorted rows block by block, counts every reason, writes the quarantine
+    lines and hands the kept rows to the part writer; applies corpus.skip and corpus.limit as the local
+    engine does (the first kept rows are "skipped"; reading stops at the row that fills the limit)."""
+
+    def __init__(self, cfg, writer: PartWriter, quarantine, stats: CorpusStats):
+        self.cfg, self.writer, self.quarantine, self.stats = cfg, writer, quarantine, stats
+        self.columns = ["id", "text", "split", *cfg.label_fields]
+        self.last_pos = -1
+
+    def take(self, batch: pa.Table) -> bool:
+        """Take one block; True once corpus.limit is reached."""
+        if batch.num_rows == 0:
+            return False
+        stats, cc = self.stats, self.cfg
+        pos = batch.column("pos").to_numpy()
+        if pos[0] <= self.last_pos or np.any(np.diff(pos) <= 0):
+            raise RuntimeError("Ray Data returned corpus rows out of order; rerun")  # guards the sort
+        self.last_pos = int(pos[-1])
+        kept = pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
+        skipped = kept & (np.cumsum(kept) <= max(0, cc.skip - stats.dropped["skipped"]))
+        kept &= ~skipped
+        if cc.limit is not None and kept.sum() >= cc.limit - stats.kept:
+            end = int(np.argmax(np.cumsum(kept) >= cc.limit - stats.kept)) + 1
+            batch, kept, skipped = batch.slice(0, end), kept[:end], skipped[:end]
+            stats.limit_reached = True
+        stats.read += batch.num_rows
+        stats.dropped["skipped"] += int(skipped.sum())
+        bad = pa.array(pc.is_valid(batch.column("quarantine")).to_numpy(zero_copy_only=False))
+        self.quarantine.writelines(batch.column("quarantine").filter(bad).to_pylist())
+        reason = batch.column("reason")
+        stats.dropped.update(_value_counts(reason.filter(pc.invert(bad))))
+        stats.quarantined.update(_value_counts(reason.filter(bad)))
+        table = batch.filter(pa.array(kept)).select(self.columns)
+        stats.kept += table.num_rows
+        stats.kept_eval += pc.sum(pc.equal(table.column("split"), "eval")).as_py() or 0
+        self.writer.add(table)
+        return stats.limit_reached
+
+
+def _value_counts(array: pa.Array) -> dict[str, int]:
+    return {d["values"]: d["counts"] for d in pc.value_counts(array.drop_null()).to_pylist()}
 
 
 def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg, block_rows: int) -> Iterator[pa.Table]:
