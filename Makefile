@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/distill inspect runs/demo/records --examples 2
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

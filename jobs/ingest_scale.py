@@ -97,10 +97,13 @@ def start_s3() -> tuple[subprocess.Popen, str]:
 
 
 class WorkerRSS:
-    """Peak RSS of every Ray worker process (`ray::...`), sampled on a thread."""
+    """Peak RSS of every Ray worker process (`ray::...`) and the driver's peak private memory (USS: its RSS
+    without the object-store pages it maps to read blocks), sampled on a thread."""
 
     def __init__(self, every: float = 0.2):
         self.peak: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.driver_uss = self.driver_rss = 0
         self.every = every
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -108,13 +111,17 @@ class WorkerRSS:
     def _run(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self.stop.is_set():
+            info = me.memory_full_info()
+            self.driver_uss, self.driver_rss = max(self.driver_uss, info.uss), max(self.driver_rss, info.rss)
             for proc in psutil.process_iter(["pid", "name", "cmdline"]):
                 try:
                     cmd = " ".join(proc.info["cmdline"] or [])
                     if cmd.startswith("ray::") or "default_worker.py" in cmd:
                         rss = proc.memory_info().rss
-                        self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
+                        if rss > self.peak.get(proc.pid, 0):
+                            self.peak[proc.pid], self.names[proc.pid] = rss, cmd[:60]
                 except Exception:  # noqa: BLE001 - a process that ended between listing and reading
                     continue
             time.sleep(self.every)
@@ -164,7 +171,10 @@ def main() -> None:
         results = []
         for n in sizes:
             uri = f"s3://{BUCKET}/RC_{n}.zst"
-            storage.filesystem(uri)[0].put_file(str(out / f"RC_{n}.zst"), uri.removeprefix("s3://"))
+            # uploaded by a child process: what s3fs buffers for the upload is not counted as the driver's
+            subprocess.run([sys.executable, "-c", "import sys; from distill import storage; "
+                            "storage.filesystem(sys.argv[2])[0].put_file(sys.argv[1], sys.argv[2][5:])",
+                            str(out / f"RC_{n}.zst"), uri], check=True)
             cfg = load_config(None, [f"teacher.model={teacher}", f"corpus.paths=[{uri}]", "corpus.text_field=body",
                                      "corpus.label_fields=[subreddit]", "corpus.engine=ray",
                                      f"records.uri=s3://{BUCKET}/records-{n}"])
@@ -176,12 +186,14 @@ def main() -> None:
                                                   ["input_ids"]], tokenizer_hash(tokenizer))
             seconds = time.perf_counter() - t0
             stats = kept.index["stats"]
-            row = {"rows": n, "dump_mib": round((out / f"RC_{n}.zst").stat().st_size / 2**20),
+            row = {"rows": n, "driver_peak_rss_sampled_mb": round(workers.driver_rss / 2**20), "dump_mib": round((out / f"RC_{n}.zst").stat().st_size / 2**20),
                    "read": stats["read"], "kept": stats["kept"], "dropped": stats["dropped"],
                    "quarantined": stats["quarantined"], "seconds": round(seconds),
                    "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                    "driver_peak_rss_before_mb": round(before / 1024),
+                   "driver_peak_uss_mb": round(workers.driver_uss / 2**20),
                    "worker_peak_rss_mb": round(max(workers.peak.values(), default=0) / 2**20),
+                   "largest_worker": workers.names.get(max(workers.peak, key=workers.peak.get, default=0)),
                    "workers_seen": len(workers.peak)}
             results.append(row)
             print(json.dumps(row), flush=True)
