@@ -1,5 +1,5 @@
 # make demo   set up .venv, run the main job on the embedded defaults, print where the results are
-# make test   set up .venv, run the whole test suite (GPU and scale tests aside)
+# make test   set up .venv, run the whole test suite (GPU, scale and long tests aside)
 #
 # TORCH_SPEC picks the torch build: the default is the CPU build this project's CI uses;
 # on a GPU machine use e.g. `make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"`.
@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_CONFIG ?= jobs/configs/gemma3-270m_to_270m-layers0-3_cpu.yaml
-PYTEST_ARGS ?= -m "not gpu and not scale"
+PYTEST_ARGS ?= -m "not gpu and not scale and not long"
 
 .PHONY: demo test setup clean
 

@@ -136,9 +136,9 @@ def read_corpus(cfg: CorpusConfig, count_tokens: Callable[[list[str]], list[int]
     if clash:
         raise CorpusError(f"corpus.label_fields may not contain {', '.join(sorted(clash))}: "
                           "those names are corpus columns")
-    files = _corpus_files(cfg)
+    files = corpus_files(cfg)
     builder = _CorpusBuilder(cfg, count_tokens)
-    for file, line, item in _rows(files, cfg):
+    for file, line, item in read_rows(files, cfg):
         builder.add(file, line, item)
         if builder.full:
             builder.stats.limit_reached = True
@@ -157,7 +157,7 @@ def read_corpus(cfg: CorpusConfig, count_tokens: Callable[[list[str]], list[int]
 
 # --- Which files, in which format ---------------------------------------------------
 
-def _corpus_files(cfg: CorpusConfig) -> list[tuple[str, str]]:
+def corpus_files(cfg: CorpusConfig) -> list[tuple[str, str]]:
     """(uri, format) of every corpus file, in the configured order."""
     files = []
     for path in cfg.paths:
@@ -207,7 +207,7 @@ class _Bad(NamedTuple):
 _Row = Union[dict, _Bad]  # a row's fields, or why it is bad input
 
 
-def _rows(files: list[tuple[str, str]], cfg: CorpusConfig,
+def read_rows(files: list[tuple[str, str]], cfg: CorpusConfig,
           parse_json: bool = True) -> Iterator[tuple[str, int, Union[_Row, str]]]:
     """(file, 1-based line or row number, fields or _Bad) of every row of every file, streaming.
     With parse_json=False a JSON line comes as its text, for the caller to parse."""

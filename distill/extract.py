@@ -7,9 +7,10 @@
    into Parquet parts beside the records (`distill.ingest`: in the driver for small
    corpora, on Ray Data for a Reddit month, the driver's memory bounded either way; a
    rerun reuses finished parts), and build the output vocabulary from its first kept
-   comments. Kept comments are cut into shards of `records.shard_size` in corpus order. With `vocab.from_uri` the vocabulary is not built but taken, ids
-   and order unchanged, from a model artifact or record set (`reused_vocab`), and
-   checked against the run first: records made so can evaluate or train that model.
+   comments. Kept comments are cut into shards of `records.shard_size` in corpus order.
+   With `vocab.from_uri` the vocabulary is not built but taken, ids and order unchanged,
+   from a model artifact or record set (`reused_vocab`), and checked against the run
+   first: records made so can evaluate or train that model.
 2. Pin the plan: `plan.json` records which comment ids go to which shard and what the
    records are made with. A rerun against the same location must produce the same
    plan (else it stops with one line saying what differs), and skips every shard that
@@ -204,7 +205,8 @@ class ShardWriter:
         self.teacher = load(cfg.teacher, plan["prompt"]["prefix"], plan["prompt"]["suffix"], grammar,
                             OutputVocab.from_dict(plan["vocab"]), tokenizer)
         self.runtime = self.teacher.runtime()  # what teacher.dtype=auto became here, written into every shard
-        self.corpus = KeptCorpus(storage.join(cfg.records.uri, CORPUS_DIR), records.read_json(cfg.records.uri, INDEX_NAME))
+        self.corpus = KeptCorpus(storage.join(cfg.records.uri, CORPUS_DIR),
+                                 records.read_json(cfg.records.uri, INDEX_NAME))  # where its shards are read from
 
     def __call__(self, batch: pa.Table) -> dict:
         out = {"index": [], "rows": [], "bytes": [], "sha256": [], "seconds": []}

@@ -15,7 +15,9 @@ Two engines keep the same comments in the same order, with the same counts (test
            The driver streams that result into parts and the quarantine file: it holds a block and one
            part at a time, never the corpus.
 
-`corpus.engine=auto` uses ray when the corpus files hold more than `corpus.ray_above_mb`.
+`corpus.engine=auto` reads in the driver when skip + limit keep at most LOCAL_LIMIT_ROWS comments (it stops
+there; the ray engine reads everything before it keeps anything), else on Ray when the corpus files hold more
+than `corpus.ray_above_mb`.
 
 Layout: {records.uri}/corpus/part-00000.parquet, ... (whole shards, one row group per shard, columns id,
 text, split and the label fields, all strings), and {records.uri}/corpus.json, written last: the parts with
@@ -44,7 +46,7 @@ import pyarrow.parquet as pq
 
 from distill import records, storage
 from distill.config import Config
-from distill.corpus import (CORPUS_VERSION, TOKEN_BATCH, CorpusError, CorpusStats, _Bad, _corpus_files, _rows,
+from distill.corpus import (CORPUS_VERSION, TOKEN_BATCH, CorpusError, CorpusStats, _Bad, corpus_files, read_rows,
                             length_reason, quarantine_line, read_corpus, screen, split_for)
 
 CORPUS_DIR = "corpus"
@@ -164,7 +166,7 @@ def pick_engine(cfg: Config) -> str:
         return cc.engine
     if cc.limit is not None and cc.skip + cc.limit <= LOCAL_LIMIT_ROWS:
         return "local"
-    return "ray" if corpus_bytes(_corpus_files(cc)) > cc.ray_above_mb * 2**20 else "local"
+    return "ray" if corpus_bytes(corpus_files(cc)) > cc.ray_above_mb * 2**20 else "local"
 
 
 def corpus_bytes(files: list[tuple[str, str]]) -> int:
@@ -230,7 +232,6 @@ class PartWriter:
 def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> CorpusStats:
     """Read, screen, dedupe and sort the corpus on Ray Data; stream the kept rows into `writer`."""
     import ray
-    from tqdm import tqdm
 
     from distill.runtime import init_ray
 
@@ -239,12 +240,25 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     if clash:
         raise CorpusError(f"corpus.label_fields may not contain {', '.join(sorted(clash))}: "
                           "those names are corpus columns")
-    files = _corpus_files(cc)
+    files = corpus_files(cc)
     partitions = max(4, math.ceil(corpus_bytes(files) / PARTITION_BYTES))
     init_ray()
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
     ctx.enable_progress_bars = True  # nothing reaches the driver before the sort: Ray Data shows each stage's progress
+    try:
+        return _ingest(cfg, files, partitions, writer, quarantine_uri)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, writer: PartWriter,
+            quarantine_uri: str) -> CorpusStats:
+    import ray
+    from tqdm import tqdm
+
+    cc = cfg.corpus
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
           # its own tasks (other resources than Screen's, so not fused into it): a file is read once, screened in parallel
@@ -339,7 +353,7 @@ def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg, block_rows: i
     (index,) = batch.column("file").to_pylist()
     uri, fmt = files[index]
     block: dict[str, list] = {"pos": [], "raw": [], "bad": []}
-    for _, line, row in _rows([(uri, fmt)], cfg, parse_json=False):
+    for _, line, row in read_rows([(uri, fmt)], cfg, parse_json=False):
         block["pos"].append(index << _LINE_BITS | line)
         if isinstance(row, _Bad):
             raw, bad = row.excerpt, row.reason
