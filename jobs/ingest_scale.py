@@ -4,8 +4,8 @@
     python -m jobs.ingest_scale --rows 5000000     # one size per process: getrusage's peak is that size's
 
 1. A dump, `RC_<rows>.zst` under --out (kept for reruns): NDJSON in the Pushshift layout
-   (body, id, author, subreddit, created_utc, score, ... 17 fields), zstd with a 2 GiB window as the
-   real dumps are. Bodies are real Reddit comments (the vendored GoEmotions splits), some verbatim
+   (body, id, author, subreddit, created_utc, score, permalink, ... 35 fields), zstd with a 2 GiB window
+   as the real dumps are. Bodies are real Reddit comments (the vendored GoEmotions splits), some verbatim
    (so later ones are duplicates), most with a distinct tail, some [deleted], with links, too long.
 2. A moto S3 server on 127.0.0.1 in its own process (its memory is not the driver's); the dump is
    uploaded to s3://distill-scale/.
@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import socket
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
 BUCKET = "distill-scale"
@@ -46,35 +47,52 @@ def comments() -> list[str]:
     return [line.split("\t")[0] for line in (train + dev).splitlines() if line]
 
 
-def write_dump(path: Path, rows: int, seed: int = 0) -> None:
-    """`rows` Pushshift-layout lines, zstd with --long=31 as the monthly dumps are."""
-    rng = random.Random(seed)
+def write_dump(path: Path, rows: int, seed: int = 0, chunk: int = 65536) -> None:
+    """`rows` Pushshift-layout lines (35 of the fields a recent month's lines carry), zstd with --long=31 as
+    the monthly dumps are. Ids, authors, links and scores are random: a row takes ~140 bytes compressed."""
+    rng = np.random.default_rng(seed)
     texts = comments()
-    words = sorted({w for t in texts[:5000] for w in t.split() if w.isalpha()})
-    subreddits = ["AskReddit", "funny", "gaming", "worldnews", "aww", "politics", "soccer", "movies"]
+    esc = [json.dumps(t)[1:-1] for t in texts]  # JSON-escaped, without quotes
+    words = sorted({w for t in texts for w in t.split() if w.isalpha() and w.isascii()})
+    subs = ["AskReddit", "funny", "gaming", "worldnews", "aww", "politics", "soccer", "movies"]
+    sub_ids = [f"t5_{zlib.crc32(s.encode()) % 10**6:x}" for s in subs]
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, threads=-1)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f, zstandard.ZstdCompressor(compression_params=params).stream_writer(f) as out:
-        for i in range(rows):
-            kind = rng.random()
-            body = rng.choice(texts)
-            if kind < 0.55:
-                body = f"{body} {rng.choice(words)} {rng.choice(words)} {i % 997}"  # distinct
-            elif kind < 0.70:
-                body = rng.choice(["[deleted]", "[removed]"])
-            elif kind < 0.75:
-                body = f"{body} https://www.reddit.com/r/{rng.choice(subreddits)}/comments/{i:x}"
-            elif kind < 0.85:
-                body = " ".join(rng.choice(texts) for _ in range(4))  # too long for the task
-            sub = rng.choice(subreddits)
-            out.write((json.dumps({
-                "all_awardings": [], "author": f"user{rng.randrange(10**6)}", "author_flair_text": None,
-                "body": body, "controversiality": 0, "created_utc": 1767225600 + i // 2,
-                "distinguished": None, "edited": False, "gilded": 0, "id": f"k{i:09x}",
-                "is_submitter": False, "link_id": f"t3_{rng.randrange(10**8):x}",
-                "parent_id": f"t1_{rng.randrange(10**9):x}", "retrieved_on": 1767300000, "score": rng.randrange(-5, 90),
-                "stickied": False, "subreddit": sub, "subreddit_id": f"t5_{abs(hash(sub)) % 10**6:x}",
-            }) + "\n").encode())
+        for start in range(0, rows, chunk):
+            n = min(chunk, rows - start)
+            kind, text, extra = rng.random(n), rng.integers(len(texts), size=n), rng.integers(len(texts), size=(n, 3))
+            tail, ntail = rng.integers(len(words), size=(n, 12)), rng.integers(2, 13, size=n)
+            author, fullname, born = rng.integers(10**6, size=n), rng.integers(36**8, size=n), rng.integers(5 * 10**8, size=n)
+            link, parent, sub = rng.integers(10**8, size=n), rng.integers(10**9, size=n), rng.integers(len(subs), size=n)
+            score, retrieved = rng.integers(-5, 90, size=n), rng.integers(10**5, size=n)
+            lines = []
+            for j in range(n):
+                i, k, body = start + j, kind[j], esc[text[j]]
+                if k < 0.55:
+                    body = body + " " + " ".join(words[w] for w in tail[j, :ntail[j]])
+                elif k < 0.70:
+                    body = "[deleted]" if k < 0.65 else "[removed]"
+                elif k < 0.75:
+                    body = f"{body} https://www.reddit.com/r/{subs[sub[j]]}/comments/{i:x}"
+                elif k < 0.85:
+                    body = " ".join([body] + [esc[e] for e in extra[j]])
+                lines.append(
+                    f'{{"all_awardings": [], "author": "user{author[j]}", "author_flair_text": null, "body": "{body}", '
+                    f'"controversiality": 0, "created_utc": {1767225600 + i // 6}, "distinguished": null, "edited": false, '
+                    f'"gilded": 0, "id": "k{i:09x}", "is_submitter": false, "link_id": "t3_{link[j]:x}", '
+                    f'"parent_id": "t1_{parent[j]:x}", "retrieved_on": 1767300000, "score": {score[j]}, '
+                    f'"stickied": false, "subreddit": "{subs[sub[j]]}", "subreddit_id": "{sub_ids[sub[j]]}", '
+                    f'"author_fullname": "t2_{fullname[j]:x}", "author_created_utc": {1200000000 + born[j]}, '
+                    f'"author_flair_css_class": null, "author_flair_richtext": [], "author_flair_type": "text", '
+                    f'"author_patreon_flair": false, "author_premium": false, "collapsed": false, '
+                    f'"collapsed_reason": null, "comment_type": null, "gildings": {{}}, "locked": false, '
+                    f'"name": "t1_k{i:09x}", "no_follow": {str(score[j] < 2).lower()}, '
+                    f'"permalink": "/r/{subs[sub[j]]}/comments/{link[j]:x}/comment/k{i:09x}/", '
+                    f'"retrieved_utc": {1767300000 + retrieved[j]}, "score_hidden": false, "send_replies": true, '
+                    f'"subreddit_name_prefixed": "r/{subs[sub[j]]}", "subreddit_type": "public", '
+                    f'"total_awards_received": 0, "treatment_tags": [], "ups": {score[j]}}}\n')
+            out.write("".join(lines).encode())
     tmp.rename(path)
 
 
@@ -175,15 +193,18 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", "import sys; from distill import storage; "
                             "storage.filesystem(sys.argv[2])[0].put_file(sys.argv[1], sys.argv[2][5:])",
                             str(out / f"RC_{n}.zst"), uri], check=True)
-            cfg = load_config(None, [f"teacher.model={teacher}", f"corpus.paths=[{uri}]", "corpus.text_field=body",
-                                     "corpus.label_fields=[subreddit]", "corpus.engine=ray",
-                                     f"records.uri=s3://{BUCKET}/records-{n}"])
-            tokenizer = load_tokenizer(cfg.teacher)
+            ingest_cfg = load_config(None, [f"teacher.model={teacher}", f"corpus.paths=[{uri}]",
+                                            "corpus.text_field=body", "corpus.label_fields=[subreddit]",
+                                            "corpus.engine=ray", f"records.uri=s3://{BUCKET}/records-{n}"])
+            tokenizer = load_tokenizer(ingest_cfg.teacher)
+
+            def count_tokens(texts):
+                return [len(t) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             t0 = time.perf_counter()
             with WorkerRSS() as workers:
-                kept = ingest(cfg, lambda texts: [len(t) for t in tokenizer(texts, add_special_tokens=False)
-                                                  ["input_ids"]], tokenizer_hash(tokenizer))
+                kept = ingest(ingest_cfg, count_tokens, tokenizer_hash(tokenizer))
             seconds = time.perf_counter() - t0
             stats = kept.index["stats"]
             row = {"rows": n, "driver_peak_rss_sampled_mb": round(workers.driver_rss / 2**20), "dump_mib": round((out / f"RC_{n}.zst").stat().st_size / 2**20),
@@ -204,6 +225,17 @@ def main() -> None:
                                  "teacher.dtype=float32", f"records.uri=s3://{BUCKET}/sample-{largest}"])
         manifest = run_extraction(cfg)
         print(f"[teacher] {manifest['rows']} records from the kept corpus of {largest:,} rows", flush=True)
+
+        # The same commands again, as after a crash: the finished corpus and shards are found, not redone.
+        t0 = time.perf_counter()
+        again = ingest(ingest_cfg, count_tokens, tokenizer_hash(tokenizer))
+        results[-1]["rerun_ingest_seconds"] = round(time.perf_counter() - t0, 1)
+        assert again.index == kept.index, "a rerun's corpus differs from the first run's"
+        t0 = time.perf_counter()
+        assert run_extraction(cfg)["rows"] == manifest["rows"]
+        results[-1]["rerun_extraction_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[rerun] ingest {results[-1]['rerun_ingest_seconds']} s (corpus reused), "
+              f"extraction {results[-1]['rerun_extraction_seconds']} s (every shard found)", flush=True)
         (out / f"ingest-{largest}.json").write_text(json.dumps(results, indent=2))
         print("\n| dump rows | .zst MiB | kept | seconds | driver peak RSS | largest worker peak RSS |")
         print("|---:|---:|---:|---:|---:|---:|")
