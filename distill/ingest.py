@@ -56,6 +56,9 @@ PART_ROWS = 65536
 """Rows per part, rounded down to whole shards (at least one)."""
 BLOCK_ROWS = 16384
 """Rows per block a Ray read task emits."""
+READ_AHEAD_BLOCKS = 4
+"""Blocks per Screen actor that the read tasks may have read and not yet seen screened (`ReadAhead`); a
+block here is the larger of BLOCK_ROWS and TOKEN_BATCH, since Ray Data gathers that many rows for a Screen call."""
 PARTITION_BYTES = 16 * 2**20
 """Dedupe partitions: one per this many bytes of corpus files as stored (at least 4); a 16 MiB share of a
 zstd dump is about 230k comments, what one worker holds while it dedupes its partition."""
@@ -247,13 +250,16 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
     ctx.enable_progress_bars = True  # nothing reaches the driver before the sort: Ray Data shows each stage's progress
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    gate = ray.remote(num_cpus=0)(ReadAhead).remote(READ_AHEAD_BLOCKS * max(BLOCK_ROWS, TOKEN_BATCH) * cpus)
     try:
-        return _ingest(cfg, files, partitions, writer, quarantine_uri)
+        return _ingest(cfg, files, partitions, gate, writer, quarantine_uri)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        ray.kill(gate)
 
 
-def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, writer: PartWriter,
+def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, gate, writer: PartWriter,
             quarantine_uri: str) -> CorpusStats:
     import ray
     from tqdm import tqdm
@@ -263,11 +269,11 @@ def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, writer: 
     ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
           # its own tasks (other resources than Screen's, so not fused into it): a file is read once, screened in parallel
           .map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                       fn_kwargs={"files": files, "cfg": cc, "block_rows": BLOCK_ROWS})
+                       fn_kwargs={"files": files, "cfg": cc, "block_rows": BLOCK_ROWS, "gate": gate})
           # Ray Data merges what a task yields into blocks of up to 128 MiB: cut them so that all actors get work
           .repartition(target_num_rows_per_block=BLOCK_ROWS)
           .map_batches(Screen, batch_format="pyarrow", batch_size=TOKEN_BATCH,
-                       fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions},
+                       fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions, "gate": gate},
                        # half a CPU each, up to one actor per CPU: beside a reading task, a second actor still fits
                        num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
           .groupby("text_part", num_partitions=partitions)
@@ -344,12 +350,15 @@ def _value_counts(array: pa.Array) -> dict[str, int]:
     return {d["values"]: d["counts"] for d in pc.value_counts(array.drop_null()).to_pylist()}
 
 
-def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg, block_rows: int) -> Iterator[pa.Table]:
+def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg, block_rows: int, gate) -> Iterator[pa.Table]:
     """Ray task: one corpus file's rows as blocks of (pos, raw JSON object or bad row's excerpt, bad reason).
 
     JSON lines pass unparsed (parsing is spread over the Screen actors); CSV/TSV/Parquet rows pass as JSON.
     `raw` is bytes: undecodable input travels as it came (surrogateescape), for Screen to quarantine.
+    Each block waits for the `gate` (`ReadAhead`): reading stays a few blocks ahead of screening.
     """
+    import ray
+
     (index,) = batch.column("file").to_pylist()
     uri, fmt = files[index]
     block: dict[str, list] = {"pos": [], "raw": [], "bad": []}
@@ -362,10 +371,35 @@ def read_files(batch: pa.Table, files: list[tuple[str, str]], cfg, block_rows: i
         block["raw"].append(raw.encode("utf-8", "surrogateescape"))
         block["bad"].append(bad)
         if len(block["pos"]) == block_rows:
+            ray.get(gate.admit.remote(block_rows))
             yield _read_block(block)
             block = {"pos": [], "raw": [], "bad": []}
     if block["pos"]:
+        ray.get(gate.admit.remote(len(block["pos"])))
         yield _read_block(block)
+
+
+class ReadAhead:
+    """Ray actor: how many rows the read tasks have read that the Screen actors have not yet screened,
+    held at `limit` or less. A read task decompresses a dump faster than the actors can parse it, and
+    Ray Data cannot pause a running task: without this, one task reads the whole month into the object
+    store (an 18M-row dump: 16 GiB, 12 GiB of it spilled to disk, before a fifth of it was screened)."""
+
+    def __init__(self, limit: int):
+        import asyncio
+
+        self.limit, self.pending, self.changed = limit, 0, asyncio.Condition()
+
+    async def admit(self, rows: int) -> None:
+        """Returns once `rows` more fit (at once when none are pending: a block larger than the limit passes)."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.pending == 0 or self.pending + rows <= self.limit)
+            self.pending += rows
+
+    async def screened(self, rows: int) -> None:
+        async with self.changed:
+            self.pending = max(0, self.pending - rows)
+            self.changed.notify_all()
 
 
 def _read_block(block: dict) -> pa.Table:
@@ -377,10 +411,10 @@ class Screen:
     """Ray actor: parses rows, screens them as `corpus.screen` does, counts teacher tokens, splits and
     hashes them into dedupe partitions. Every row comes out: kept candidates with reason null."""
 
-    def __init__(self, cfg: Config, files: list[tuple[str, str]], partitions: int):
+    def __init__(self, cfg: Config, files: list[tuple[str, str]], partitions: int, gate):
         from distill.teacher import load_tokenizer
 
-        self.cfg, self.files, self.partitions = cfg.corpus, files, partitions
+        self.cfg, self.files, self.partitions, self.gate = cfg.corpus, files, partitions, gate
         self.tokenizer = load_tokenizer(cfg.teacher)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -420,6 +454,7 @@ class Screen:
                 out["split"][i] = split_for(row_id, cc.split_salt, cc.eval_fraction)
                 out["text_part"][i] = _partition(text, self.partitions)
                 out["id_part"][i] = _partition(row_id, self.partitions)
+        self.gate.screened.remote(batch.num_rows)  # no wait: the readers may go on
         return pa.table({name: pa.array(values, pa.int64() if name in ("pos", "text_part", "id_part") else pa.string())
                          for name, values in out.items()})
 

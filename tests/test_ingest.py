@@ -1,5 +1,6 @@
 """The kept corpus: both engines keep the same comments, counts and quarantine; parts, shards, reuse."""
 
+import asyncio
 import io
 import json
 
@@ -58,6 +59,7 @@ def build(cfg):
 
 def test_ray_engine_keeps_what_the_driver_keeps(tiny_teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "BLOCK_ROWS", 37)  # many blocks per file: repeats fall in other blocks
+    monkeypatch.setattr(ingest, "TOKEN_BATCH", 37)  # and a read-ahead of 4 x 37 rows per CPU: the readers wait
     monkeypatch.setattr(ingest, "PART_ROWS", 40)
     (tmp_path / "corpus").mkdir()
     write_corpus(tmp_path / "corpus")
@@ -115,3 +117,24 @@ def test_auto_engine_reads_in_the_driver_when_it_can_stop_early(tiny_teacher_dir
     assert engine("corpus.limit=5000", "corpus.ray_above_mb=0") == "local"  # the driver stops at the limit
     assert engine("corpus.limit=999999", "corpus.skip=2", "corpus.ray_above_mb=0") == "ray"
     assert engine("corpus.engine=ray") == "ray"
+
+
+def test_read_ahead_holds_a_reader_until_its_rows_are_screened():
+    async def run():
+        gate = ingest.ReadAhead(limit=100)
+        await gate.admit(60)
+        second = asyncio.create_task(gate.admit(60))  # 120 pending would pass the limit: waits
+        await asyncio.sleep(0.05)
+        assert not second.done()
+        await gate.screened(30)  # 30 + 60 fit
+        await asyncio.wait_for(second, 1)
+        assert gate.pending == 90
+        larger = asyncio.create_task(gate.admit(500))  # larger than the limit: waits until nothing is pending
+        await gate.screened(50)
+        await asyncio.sleep(0.05)
+        assert not larger.done()
+        await gate.screened(40)
+        await asyncio.wait_for(larger, 1)
+        assert gate.pending == 500
+
+    asyncio.run(run())
