@@ -147,7 +147,7 @@ def test_killing_an_extraction_actor_mid_run_loses_and_doubles_nothing(ray_head,
 
 def test_stopped_training_job_resumes_when_resubmitted(ray_head, tiny_teacher_dir):
     # Trains on the records the pipeline test above wrote to s3://distill-cluster/pipeline/records.
-    args = job_args(tiny_teacher_dir, "pipeline", "train.epochs=60", "train.checkpoint_every=5",
+    args = job_args(tiny_teacher_dir, "pipeline", "train.epochs=24", "train.checkpoint_every=5",
                     "train.run_dir=s3://distill-cluster/stopped/train")
     job = submit(ray_head, "-m", "jobs.train", *args)
     deadline = time.time() + 300

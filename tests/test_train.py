@@ -58,11 +58,12 @@ def test_ddp_one_worker_learns_and_matches_golden_losses(tiny_teacher_dir, tiny_
 
 
 # ZeRO-1 (optimizer states sharded, as ZeRO-2 also does) is a `long` test: out of `make test`, to keep it under 25 minutes.
-@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.long), 2, 3])
-def test_deepspeed_zero_two_cpu_workers(tiny_teacher_dir, tiny_records, tmp_path, stage):
+# ZeRO-2 reads streamed shards (windows of one 20-row shard): two ranks drawing their slices of each window's batches.
+@pytest.mark.parametrize("stage,data", [pytest.param(1, "memory", marks=pytest.mark.long), (2, "stream"), (3, "memory")])
+def test_deepspeed_zero_two_cpu_workers(tiny_teacher_dir, tiny_records, tmp_path, stage, data):
     cfg = train_config(tiny_teacher_dir, tiny_records, tmp_path / "run", "train.strategy=deepspeed",
                        f"train.zero_stage={stage}", "train.workers=2", "train.cpus_per_worker=0.5",
-                       "train.micro_batch_size=4", "train.epochs=3")
+                       "train.micro_batch_size=4", "train.epochs=3", f"train.data={data}", "train.stream_window_rows=8")
     outcome = finish_run(cfg, run_training(cfg))
     assert outcome["complete"]
     got = losses(tmp_path / "run")
