@@ -253,19 +253,18 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     gate = ray.remote(num_cpus=0)(ReadAhead).remote(READ_AHEAD_BLOCKS * max(BLOCK_ROWS, TOKEN_BATCH) * cpus)
     try:
-        return _ingest(cfg, files, partitions, gate, writer, quarantine_uri)
+        return _ingest(cfg, files, partitions, cpus, gate, writer, quarantine_uri)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
         ray.kill(gate)
 
 
-def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, gate, writer: PartWriter,
+def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, cpus: int, gate, writer: PartWriter,
             quarantine_uri: str) -> CorpusStats:
     import ray
     from tqdm import tqdm
 
     cc = cfg.corpus
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = (ray.data.from_items([{"file": i} for i in range(len(files))], override_num_blocks=len(files))
           # its own tasks (other resources than Screen's, so not fused into it): a file is read once, screened in parallel
           .map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
