@@ -56,6 +56,8 @@ PART_ROWS = 65536
 """Rows per part, rounded down to whole shards (at least one)."""
 BLOCK_ROWS = 16384
 """Rows per block a Ray read task emits."""
+BLOCK_BYTES = 16 * 2**20
+"""Ray Data's largest block while the ingest runs (its default is 128 MiB)."""
 READ_AHEAD_BLOCKS = 4
 """Blocks per Screen actor that the read tasks may have read and not yet seen screened (`ReadAhead`); a
 block here is the larger of BLOCK_ROWS and TOKEN_BATCH, since Ray Data gathers that many rows for a Screen call."""
@@ -247,15 +249,22 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
     partitions = max(4, math.ceil(corpus_bytes(files) / PARTITION_BYTES))
     init_ray()
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size,
+             ctx.shuffle_strategy)
     ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
     ctx.enable_progress_bars = True  # nothing reaches the driver before the sort: Ray Data shows each stage's progress
+    # Blocks of 16 MiB, not 128: a read task's merged blocks then fit a small object store's budget, and the
+    # pull-based sort shuffle starts its map tasks where the hash shuffle's aggregators wait for a budget that a
+    # store of a few hundred MB never frees (measured: 3M rows with a 600 MB store stalled at 131k, then 540k rows)
+    ctx.target_max_block_size = BLOCK_BYTES
+    ctx.shuffle_strategy = "sort_shuffle_pull_based"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     gate = ray.remote(num_cpus=0)(ReadAhead).remote(READ_AHEAD_BLOCKS * max(BLOCK_ROWS, TOKEN_BATCH) * cpus)
     try:
         return _ingest(cfg, files, partitions, cpus, gate, writer, quarantine_uri)
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size,
+         ctx.shuffle_strategy) = saved
         ray.kill(gate)
 
 
@@ -273,8 +282,8 @@ def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, cpus: in
           .repartition(target_num_rows_per_block=BLOCK_ROWS)
           .map_batches(Screen, batch_format="pyarrow", batch_size=TOKEN_BATCH,
                        fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions, "gate": gate},
-                       # half a CPU each, up to one actor per CPU: beside a reading task, a second actor still fits
-                       num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
+                       # a quarter CPU each, up to one actor per CPU: the shuffle's tasks still find a CPU beside them
+                       num_cpus=0.25, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
           .groupby("text_part", num_partitions=partitions)
           .map_groups(drop_duplicates, batch_format="pyarrow", fn_kwargs={"key": "text", "reason": "duplicate"})
           .groupby("id_part", num_partitions=partitions)
