@@ -8,12 +8,12 @@ Two engines keep the same comments in the same order, with the same counts (test
     local  the driver reads the corpus itself (`corpus.read_corpus`), stopping at `corpus.limit`;
            for corpora that fit in its memory
     ray    Ray Data, for a Reddit month: one read task per file streams its rows in blocks (a `.zst`
-           dump is one stream, decompressed once); parallel tasks parse, screen (`corpus.screen`) and
-           count teacher tokens; two group-bys by a hash of the normalised text, then of the id, drop
-           duplicates (the first occurrence in corpus order wins, so dedupe is exact across blocks and
-           files: it compares texts, the hash only picks the partition); a sort restores corpus order.
-           The driver streams that result into parts and the quarantine file: it holds a block and one
-           part at a time, never the corpus.
+           dump is one stream, decompressed once); parallel actors parse, screen (`corpus.screen`), count
+           teacher tokens and hash each text. The blocks reach the driver in corpus order, and it drops
+           duplicates as the local engine does (the first occurrence wins, across blocks and files) against
+           an on-disk set of the texts' 128-bit digests and the ids (`SeenOnDisk`, SQLite), then streams
+           the rows into parts and the quarantine file: it holds a block and one part at a time, never the
+           corpus. No shuffle: nothing waits for the whole corpus, and the first parts are written early.
 
 `corpus.engine=auto` reads in the driver when skip + limit keep at most LOCAL_LIMIT_ROWS comments (it stops
 there; the ray engine reads everything before it keeps anything), else on Ray when the corpus files hold more
@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 import time
@@ -57,13 +56,13 @@ PART_ROWS = 65536
 BLOCK_ROWS = 16384
 """Rows per block a Ray read task emits."""
 BLOCK_BYTES = 16 * 2**20
-"""Ray Data's largest block while the ingest runs (its default is 128 MiB)."""
+"""Ray Data's largest block while the ingest runs (its default, 128 MiB, is more than a small object store's
+budget: a read task's merged blocks then stall it)."""
 READ_AHEAD_BLOCKS = 4
 """Blocks per Screen actor that the read tasks may have read and not yet seen screened (`ReadAhead`); a
 block here is the larger of BLOCK_ROWS and TOKEN_BATCH, since Ray Data gathers that many rows for a Screen call."""
-PARTITION_BYTES = 16 * 2**20
-"""Dedupe partitions: one per this many bytes of corpus files as stored (at least 4); a 16 MiB share of a
-zstd dump is about 230k comments, what one worker holds while it dedupes its partition."""
+SEEN_CACHE_MB = 64
+"""SQLite's page cache for the dedupe set (the set itself is on local disk: a few tens of bytes a candidate)."""
 LOCAL_LIMIT_ROWS = 1_000_000
 """corpus.engine=auto reads in the driver when skip + limit keep at most this many comments."""
 _LINE_BITS = 40  # a row's position in the corpus: file index << 40 | line
@@ -235,7 +234,8 @@ class PartWriter:
 # --- The Ray Data engine -------------------------------------------------------------
 
 def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> CorpusStats:
-    """Read, screen, dedupe and sort the corpus on Ray Data; stream the kept rows into `writer`."""
+    """Read and screen the corpus on Ray Data; dedupe the rows in corpus order and stream the kept ones into
+    `writer`."""
     import ray
 
     from distill.runtime import init_ray
@@ -246,29 +246,22 @@ def ingest_with_ray(cfg: Config, writer: PartWriter, quarantine_uri: str) -> Cor
         raise CorpusError(f"corpus.label_fields may not contain {', '.join(sorted(clash))}: "
                           "those names are corpus columns")
     files = corpus_files(cc)
-    partitions = max(4, math.ceil(corpus_bytes(files) / PARTITION_BYTES))
     init_ray()
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size,
-             ctx.shuffle_strategy)
-    ctx.execution_options.preserve_order = True  # the sorted rows reach the driver in order
-    ctx.enable_progress_bars = True  # nothing reaches the driver before the sort: Ray Data shows each stage's progress
-    # Blocks of 16 MiB, not 128: a read task's merged blocks then fit a small object store's budget, and the
-    # pull-based sort shuffle starts its map tasks where the hash shuffle's aggregators wait for a budget that a
-    # store of a few hundred MB never frees (measured: 3M rows with a 600 MB store stalled at 131k, then 540k rows)
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size
+    ctx.execution_options.preserve_order = True  # the screened rows reach the driver in corpus order
+    ctx.enable_progress_bars = True  # Ray Data shows each stage's progress
     ctx.target_max_block_size = BLOCK_BYTES
-    ctx.shuffle_strategy = "sort_shuffle_pull_based"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     gate = ray.remote(num_cpus=0)(ReadAhead).remote(READ_AHEAD_BLOCKS * max(BLOCK_ROWS, TOKEN_BATCH) * cpus)
     try:
-        return _ingest(cfg, files, partitions, cpus, gate, writer, quarantine_uri)
+        return _ingest(cfg, files, cpus, gate, writer, quarantine_uri)
     finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size,
-         ctx.shuffle_strategy) = saved
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
         ray.kill(gate)
 
 
-def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, cpus: int, gate, writer: PartWriter,
+def _ingest(cfg: Config, files: list[tuple[str, str]], cpus: int, gate, writer: PartWriter,
             quarantine_uri: str) -> CorpusStats:
     import ray
     from tqdm import tqdm
@@ -281,22 +274,17 @@ def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, cpus: in
           # Ray Data merges what a task yields into blocks of up to 128 MiB: cut them so that all actors get work
           .repartition(target_num_rows_per_block=BLOCK_ROWS)
           .map_batches(Screen, batch_format="pyarrow", batch_size=TOKEN_BATCH,
-                       fn_constructor_kwargs={"cfg": cfg, "files": files, "partitions": partitions, "gate": gate},
-                       # a quarter CPU each, up to one actor per CPU: the shuffle's tasks still find a CPU beside them
-                       num_cpus=0.25, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
-          .groupby("text_part", num_partitions=partitions)
-          .map_groups(drop_duplicates, batch_format="pyarrow", fn_kwargs={"key": "text", "reason": "duplicate"})
-          .groupby("id_part", num_partitions=partitions)
-          .map_groups(drop_duplicates, batch_format="pyarrow", fn_kwargs={"key": "id", "reason": "duplicate_id"})
-          .drop_columns(["text_part", "id_part"])
-          .sort("pos"))
+                       fn_constructor_kwargs={"cfg": cfg, "files": files, "gate": gate},
+                       # half a CPU each, up to one actor per CPU: beside a reading task, a second actor still fits
+                       num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)))
 
     local_dir = None if storage.is_remote(quarantine_uri) else os.path.dirname(os.path.abspath(quarantine_uri))
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=local_dir, suffix=".tmp", delete=False) as q:
+    with (tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=local_dir, suffix=".tmp", delete=False) as q,
+          SeenOnDisk() as seen):
         try:
-            collect = _Collector(cc, writer, q, CorpusStats(quarantine_uri=quarantine_uri))
+            collect = _Collector(cc, writer, q, seen, CorpusStats(quarantine_uri=quarantine_uri))
             with tqdm(total=None, unit="row", desc="corpus", dynamic_ncols=True) as bar:
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     if collect.take(batch):
@@ -315,12 +303,13 @@ def _ingest(cfg: Config, files: list[tuple[str, str]], partitions: int, cpus: in
 
 
 class _Collector:
-    """The driver's end: takes the sorted rows block by block, counts every reason, writes the quarantine
-    lines and hands the kept rows to the part writer; applies corpus.skip and corpus.limit as the local
-    engine does (the first kept rows are "skipped"; reading stops at the row that fills the limit)."""
+    """The driver's end: takes the screened rows block by block in corpus order, drops duplicates, counts
+    every reason, writes the quarantine lines and hands the kept rows to the part writer; applies corpus.skip
+    and corpus.limit as the local engine does (the first kept rows are "skipped"; reading stops at the row
+    that fills the limit)."""
 
-    def __init__(self, cfg, writer: PartWriter, quarantine, stats: CorpusStats):
-        self.cfg, self.writer, self.quarantine, self.stats = cfg, writer, quarantine, stats
+    def __init__(self, cfg, writer: PartWriter, quarantine, seen: "SeenOnDisk", stats: CorpusStats):
+        self.cfg, self.writer, self.quarantine, self.seen, self.stats = cfg, writer, quarantine, seen, stats
         self.columns = ["id", "text", "split", *cfg.label_fields]
         self.last_pos = -1
 
@@ -331,8 +320,9 @@ class _Collector:
         stats, cc = self.stats, self.cfg
         pos = batch.column("pos").to_numpy()
         if pos[0] <= self.last_pos or np.any(np.diff(pos) <= 0):
-            raise RuntimeError("Ray Data returned corpus rows out of order; rerun")  # guards the sort
+            raise RuntimeError("Ray Data returned corpus rows out of order; rerun")  # guards preserve_order
         self.last_pos = int(pos[-1])
+        batch = self.drop_duplicates(batch)
         kept = pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
         skipped = kept & (np.cumsum(kept) <= max(0, cc.skip - stats.dropped["skipped"]))
         kept &= ~skipped
@@ -352,6 +342,53 @@ class _Collector:
         stats.kept_eval += pc.sum(pc.equal(table.column("split"), "eval")).as_py() or 0
         self.writer.add(table)
         return stats.limit_reached
+
+    def drop_duplicates(self, batch: pa.Table) -> pa.Table:
+        """As the local engine: a candidate whose text an earlier candidate had is a duplicate; one of a new
+        text whose id an earlier kept row had is a duplicate_id."""
+        candidates = np.nonzero(pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False))[0]
+        reasons = batch.column("reason").to_pylist()
+        new_text = self.seen.add_new("texts", batch.column("text_key").take(candidates).to_pylist())
+        for i in candidates[~np.array(new_text, dtype=bool)]:
+            reasons[i] = "duplicate"
+        candidates = candidates[np.array(new_text, dtype=bool)]
+        new_id = self.seen.add_new("ids", batch.column("id").take(candidates).to_pylist())
+        for i in candidates[~np.array(new_id, dtype=bool)]:
+            reasons[i] = "duplicate_id"
+        return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+
+
+class SeenOnDisk:
+    """The texts (as 128-bit BLAKE2b digests) and ids the ingest has seen, in a SQLite file on local disk:
+    the driver's memory stays a page cache (SEEN_CACHE_MB), whatever the corpus. A digest stands for its
+    text: two different texts share one with a chance of about n^2 / 2^129 (1e-23 at 100M comments)."""
+
+    def __enter__(self) -> "SeenOnDisk":
+        import sqlite3
+
+        self.dir = tempfile.TemporaryDirectory(prefix="distill-seen-")
+        self.db = sqlite3.connect(os.path.join(self.dir.name, "seen.sqlite"), isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{SEEN_CACHE_MB * 1024}"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute("CREATE TABLE texts (k BLOB PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE ids (k TEXT PRIMARY KEY) WITHOUT ROWID")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.db.close()
+        self.dir.cleanup()
+
+    def add_new(self, table: str, keys: list) -> list[bool]:
+        """Adds the keys in order; for each, whether it was new (a key repeated within `keys` is new once)."""
+        cur = self.db.cursor()
+        insert = f"INSERT OR IGNORE INTO {table} VALUES (?)"
+        new = []
+        cur.execute("BEGIN")
+        for key in keys:
+            cur.execute(insert, (key,))
+            new.append(cur.rowcount == 1)
+        cur.execute("COMMIT")
+        return new
 
 
 def _value_counts(array: pa.Array) -> dict[str, int]:
@@ -416,19 +453,19 @@ def _read_block(block: dict) -> pa.Table:
 
 
 class Screen:
-    """Ray actor: parses rows, screens them as `corpus.screen` does, counts teacher tokens, splits and
-    hashes them into dedupe partitions. Every row comes out: kept candidates with reason null."""
+    """Ray actor: parses rows, screens them as `corpus.screen` does, counts teacher tokens, splits them and
+    hashes each text for the driver's dedupe. Every row comes out: kept candidates with reason null."""
 
-    def __init__(self, cfg: Config, files: list[tuple[str, str]], partitions: int, gate):
+    def __init__(self, cfg: Config, files: list[tuple[str, str]], gate):
         from distill.teacher import load_tokenizer
 
-        self.cfg, self.files, self.partitions, self.gate = cfg.corpus, files, partitions, gate
+        self.cfg, self.files, self.gate = cfg.corpus, files, gate
         self.tokenizer = load_tokenizer(cfg.teacher)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cc = self.cfg
         out: dict[str, list] = {name: [] for name in ["pos", "reason", "quarantine", "id", "text", "split",
-                                                      *cc.label_fields, "text_part", "id_part"]}
+                                                      *cc.label_fields, "text_key"]}
         candidates = []
         for pos, raw, bad in zip(*(batch.column(c).to_pylist() for c in ("pos", "raw", "bad"))):
             raw = raw.decode("utf-8", "surrogateescape")
@@ -460,33 +497,12 @@ class Screen:
                 out["reason"][i] = reason
             else:
                 out["split"][i] = split_for(row_id, cc.split_salt, cc.eval_fraction)
-                out["text_part"][i] = _partition(text, self.partitions)
-                out["id_part"][i] = _partition(row_id, self.partitions)
+                out["text_key"][i] = hashlib.blake2b(text.encode(), digest_size=16).digest()
         self.gate.screened.remote(batch.num_rows)  # no wait: the readers may go on
-        return pa.table({name: pa.array(values, pa.int64() if name in ("pos", "text_part", "id_part") else pa.string())
-                         for name, values in out.items()})
+        types = {"pos": pa.int64(), "text_key": pa.binary(16)}
+        return pa.table({name: pa.array(values, types.get(name, pa.string())) for name, values in out.items()})
 
     def _append(self, out: dict, pos: int, reason, quarantine, comment) -> None:
         row_id, text, labels = comment if comment is not None else (None, None, [None] * len(self.cfg.label_fields))
-        for name, value in zip(out, [pos, reason, quarantine, row_id, text, None, *labels,
-                                     pos % self.partitions, pos % self.partitions]):
+        for name, value in zip(out, [pos, reason, quarantine, row_id, text, None, *labels, None]):
             out[name].append(value)
-
-
-def _partition(value: str, partitions: int) -> int:
-    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") % partitions
-
-
-def drop_duplicates(group: pa.Table, key: str, reason: str) -> pa.Table:
-    """Ray group-by step: within a partition, a candidate whose `key` an earlier candidate has is `reason`."""
-    candidates = np.nonzero(pc.is_null(group.column("reason")).to_numpy(zero_copy_only=False))[0]
-    first_to_last = candidates[np.argsort(group.column("pos").to_numpy()[candidates], kind="stable")]
-    repeated = np.zeros(group.num_rows, dtype=bool)
-    seen = set()
-    for i, value in zip(first_to_last, group.column(key).take(first_to_last).to_pylist()):
-        if value in seen:
-            repeated[i] = True
-        else:
-            seen.add(value)
-    marked = pc.if_else(pa.array(repeated), pa.scalar(reason), group.column("reason"))
-    return group.set_column(group.schema.get_field_index("reason"), "reason", marked)

@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,3 +139,13 @@ def test_read_ahead_holds_a_reader_until_its_rows_are_screened():
         assert gate.pending == 500
 
     asyncio.run(run())
+
+
+def test_seen_on_disk_says_which_keys_are_new_in_order():
+    with ingest.SeenOnDisk() as seen:
+        assert seen.add_new("ids", ["a", "b", "a"]) == [True, True, False]  # a repeat within one call
+        assert seen.add_new("ids", ["b", "c"]) == [False, True]  # and across calls
+        assert seen.add_new("texts", [b"\x00" * 16, b"\x01" * 16]) == [True, True]  # tables apart: no clash
+        assert seen.add_new("texts", []) == []
+        folder = seen.dir.name
+    assert not os.path.exists(folder)  # the set goes with the ingest
