@@ -69,8 +69,8 @@ class CorpusConfig:
     """Keep at most this many comments (after filtering and `skip`), in corpus order; null = all."""
     engine: str = "auto"
     """Who reads the corpus: local (the driver, one process) | ray (Ray Data: parallel parse, filter and
-    tokenize; the driver dedupes against an on-disk set, its memory bounded) | auto (local when skip + limit keep at most 1M
-    comments, as the driver stops reading there; else ray when the corpus files hold more than
+    tokenize; the driver dedupes against an on-disk set, its memory bounded) | auto (local when skip + limit
+    keep at most 1M comments, as the driver stops reading there; else ray when the corpus files hold more than
     `ray_above_mb`). Both keep the same comments in the same order, with the same counts."""
     ray_above_mb: int = 256
     """corpus.engine=auto reads with Ray Data above this many MB of corpus files (as stored, compressed)."""

@@ -15,8 +15,8 @@ Two engines keep the same comments in the same order, with the same counts (test
            the rows into parts and the quarantine file: it holds a block and one part at a time, never the
            corpus. No shuffle: nothing waits for the whole corpus, and the first parts are written early.
 
-`corpus.engine=auto` reads in the driver when skip + limit keep at most LOCAL_LIMIT_ROWS comments (it stops
-there; the ray engine reads everything before it keeps anything), else on Ray when the corpus files hold more
+`corpus.engine=auto` reads in the driver when skip + limit keep at most LOCAL_LIMIT_ROWS comments (both engines
+stop there; the driver does so without starting Ray and its actors), else on Ray when the corpus files hold more
 than `corpus.ray_above_mb`.
 
 Layout: {records.uri}/corpus/part-00000.parquet, ... (whole shards, one row group per shard, columns id,
@@ -163,8 +163,7 @@ def corpus_settings(cfg: Config, tokenizer_hash: str) -> dict:
 
 def pick_engine(cfg: Config) -> str:
     """corpus.engine, or for auto: local where the driver stops early (a limit of at most LOCAL_LIMIT_ROWS
-    comments: the ray engine reads the whole corpus before the first comment is kept) or the corpus is
-    small, ray otherwise."""
+    comments: no Ray cluster and actors to start for them) or the corpus is small, ray otherwise."""
     cc = cfg.corpus
     if cc.engine != "auto":
         return cc.engine
@@ -348,13 +347,11 @@ class _Collector:
         text whose id an earlier kept row had is a duplicate_id."""
         candidates = np.nonzero(pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False))[0]
         reasons = batch.column("reason").to_pylist()
-        new_text = self.seen.add_new("texts", batch.column("text_key").take(candidates).to_pylist())
-        for i in candidates[~np.array(new_text, dtype=bool)]:
-            reasons[i] = "duplicate"
-        candidates = candidates[np.array(new_text, dtype=bool)]
-        new_id = self.seen.add_new("ids", batch.column("id").take(candidates).to_pylist())
-        for i in candidates[~np.array(new_id, dtype=bool)]:
-            reasons[i] = "duplicate_id"
+        for table, column, reason in (("texts", "text_key", "duplicate"), ("ids", "id", "duplicate_id")):
+            new = np.array(self.seen.add_new(table, batch.column(column).take(candidates).to_pylist()), dtype=bool)
+            for i in candidates[~new]:
+                reasons[i] = reason
+            candidates = candidates[new]  # only rows of a new text are checked for their id
         return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
 
 
