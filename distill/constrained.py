@@ -205,6 +205,24 @@ class AnswerAutomaton:
         """(B,) states -> (B, V) bool: allowed indices (none for state -1)."""
         return (self.table[states.clamp(min=0)] >= 0) & (states >= 0)[:, None]
 
+    def allowed_along(self, targets: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        """The allowed indices at every answer position of a teacher-forced batch, on its device.
+
+        targets (B, T): the answer's indices, one contiguous run per row where answer_mask (B, T)
+        is True (as `data.collate` lays them out). Walks each row's answer through the automaton
+        from the start state. Returns (B, T, V) bool, all False off the answer. A position with
+        more than one allowed index is a choice point."""
+        table = self.table.to(targets.device)
+        B, T = targets.shape
+        states = torch.full((B, T), -1, dtype=torch.long, device=targets.device)
+        state = torch.zeros(B, dtype=torch.long, device=targets.device)  # the start state, held until the answer
+        for t in range(T):
+            on = answer_mask[:, t]
+            states[:, t] = torch.where(on, state, -1)
+            nxt = torch.where(state >= 0, table[state.clamp(min=0), targets[:, t]], -1)  # -1 stays -1
+            state = torch.where(on, nxt, state)
+        return (table[states.clamp(min=0)] >= 0) & (states >= 0)[..., None]
+
     def accepts(self, indices: list[int]) -> bool:
         """Whether `indices` is exactly one complete valid answer."""
         state = 0

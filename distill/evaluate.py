@@ -9,7 +9,7 @@ One function, `evaluate`, that the train loop calls at the end of every epoch an
   tokens the automaton forces, so it reads ~98% for a student that knows little.
 - choice_point_acc: the same, only at the choice points (positions where the answer
   automaton allows more than one token: the states come from walking the teacher's
-  answer through `automaton.table`), argmax over the allowed tokens only, as
+  answer through the automaton: `allowed_along`), argmax over the allowed tokens only, as
   constrained decoding does. The honest teacher-forced figure; n_choice_points counts them.
 - held_out_kl: forward KL(teacher || student) at temperature 1, per answer token.
 - student_only_exact: the student decodes alone, constrained by the answer automaton;
@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from distill.constrained import AnswerAutomaton, AnswerGrammar
+from distill.constrained import AnswerGrammar
 from distill.data import collate
 from distill.inference import greedy_decode
 from distill.losses import forward_kl
@@ -111,17 +111,6 @@ def margin_bucket(margin: float) -> str:
         if low <= margin < high:
             return label
     return MARGIN_BUCKETS[-1][0]
-
-
-def answer_states(automaton: AnswerAutomaton, answer_ids: list[int], row_id=None) -> list[int]:
-    """The automaton's state before each answer step: the state that decides which tokens step k may take."""
-    states, state = [], 0
-    for index in answer_ids:
-        states.append(state)
-        state = automaton.edges[state].get(index)
-        if state is None:
-            raise ValueError(f"record {row_id}: answer_ids are not an answer of the task's automaton")
-    return states
 
 
 def training_rows(table: pa.Table) -> list[dict]:
@@ -209,7 +198,6 @@ def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, 
         _check_human_labels(human_labels, task)
     automaton = grammar.automaton(vocab)
     device = next(model.parameters()).device
-    table = automaton.table.to(device)  # (S, V)
     was_training = model.training
     model.eval()
     correct = tokens = choice_correct = choice_points = valid_unconstrained = 0
@@ -226,12 +214,8 @@ def evaluate(model: Student, rows: list[dict], vocab: OutputVocab, sep_id: int, 
             tokens += n_tokens
             kl_sum += float(forward_kl(logits, batch.teacher_logits, batch.loss_mask)) * n_tokens
 
-            # choice points: the automaton's state at each answer position, from the teacher's answer
-            states = torch.full(batch.targets.shape, -1, dtype=torch.long)  # (B, T), -1 off the answer
-            states[batch.loss_mask.cpu()] = torch.tensor(
-                [s for r in chunk for s in answer_states(automaton, r["answer_ids"], r.get("id"))])
-            states = states.to(device)
-            allowed = (table[states.clamp(min=0)] >= 0) & (states >= 0)[..., None]  # (B, T, V)
+            # choice points: where the automaton, walked along the teacher's answer, allows more than one
+            allowed = automaton.allowed_along(batch.targets, batch.loss_mask)  # (B, T, V)
             choice = allowed.sum(-1) > 1  # (B, T)
             constrained = logits.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B, T)
             choice_correct += int(((constrained == batch.targets) & choice).sum())

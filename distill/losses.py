@@ -16,7 +16,8 @@ target distribution, and the teacher's chosen token is the hard label.
   "Sequence-Level Knowledge Distillation").
 - kl_weight / DistillLoss: the original pipeline's curriculum, loss = w * KL + (1 - w) * CE
   with w going from 0.9 to 0.1 along a cosine over training; both terms always in the
-  gradient.
+  gradient. positions=choices keeps only the choice points of the answer automaton, with
+  both distributions over the tokens it allows there.
 
 Shapes: logits (B, T, V), mask (B, T) bool (True = a position that counts), targets
 (B, T) long (any value where mask is False). Every loss is computed in float32 (inputs
@@ -36,6 +37,10 @@ import torch.nn.functional as F
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 SHAPES = ("cosine", "linear", "constant")
+POSITIONS = ("all", "choices")
+OFF = -1e4
+"""The logit a disallowed token gets under positions=choices: exp() underflows to exactly 0, and,
+unlike -inf, 0 * (log p - log q) stays 0 rather than NaN."""
 
 
 def _masked_mean(per_token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -130,6 +135,10 @@ class DistillLoss:
     """How the KL weight goes from kl_start to kl_end: cosine | linear | constant (= kl_start)."""
     jsd_beta: float = 0.5
     """Mixture weight beta of the generalised JSD (kind = jsd only), strictly in (0, 1)."""
+    positions: str = "all"
+    """Where the loss looks. all: every answer position, distributions over the whole output vocabulary.
+    choices: only the choice points (where the answer automaton allows more than one token), both
+    distributions renormalised over the allowed tokens: what constrained decoding compares."""
 
     def __post_init__(self):
         def check(ok, name, value, why):
@@ -142,6 +151,7 @@ class DistillLoss:
         check(0.0 <= self.kl_end <= 1.0, "kl_end", self.kl_end, "must be in [0, 1]")
         check(self.kl_shape in SHAPES, "kl_shape", self.kl_shape, f"must be one of {', '.join(SHAPES)}")
         check(0.0 < self.jsd_beta < 1.0, "jsd_beta", self.jsd_beta, "must be strictly between 0 and 1")
+        check(self.positions in POSITIONS, "positions", self.positions, f"must be one of {', '.join(POSITIONS)}")
 
     def divergence(self, student_logits, teacher_logits, mask) -> torch.Tensor:
         if self.kind == "forward_kl":
@@ -150,8 +160,17 @@ class DistillLoss:
             return reverse_kl(student_logits, teacher_logits, mask, self.temperature)
         return jsd(student_logits, teacher_logits, mask, self.temperature, self.jsd_beta)
 
-    def __call__(self, student_logits, teacher_logits, targets, mask, progress: float) -> dict:
-        """dict(loss=, kl=, ce=, kl_weight=): loss for backward; kl and ce detached, for logging; kl_weight a float."""
+    def __call__(self, student_logits, teacher_logits, targets, mask, progress: float,
+                 allowed: Optional[torch.Tensor] = None) -> dict:
+        """dict(loss=, kl=, ce=, kl_weight=): loss for backward; kl and ce detached, for logging; kl_weight a float.
+
+        allowed (B, T, V) bool, the automaton's allowed tokens at each position: needed by positions=choices."""
+        if self.positions == "choices":
+            if allowed is None:
+                raise ValueError("loss.positions=choices needs the allowed tokens at each position")
+            mask = mask.bool() & (allowed.sum(-1) > 1)  # (B, T) choice points
+            student_logits = student_logits.float().masked_fill(~allowed, OFF)
+            teacher_logits = teacher_logits.float().masked_fill(~allowed, OFF)
         w = kl_weight(progress, self.kl_start, self.kl_end, self.kl_shape)
         kl = self.divergence(student_logits, teacher_logits, mask)  # ()
         ce = cross_entropy(student_logits, targets, mask)  # ()

@@ -240,6 +240,7 @@ class Loop:
         self.task = Task.from_dict(manifest["task"])
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.grammar = AnswerGrammar(self.task, self.tokenizer, self.sep_id)
+        self.automaton = self.grammar.automaton(self.vocab).to(self.device)
 
         self.per_rank = self.t.micro_batch_size * self.t.grad_accum
         self.global_batch = self.per_rank * self.world
@@ -416,7 +417,10 @@ class Loop:
             (answer_tokens, sequence_tokens), batch = self.micro_batch(self.step, micro)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and t.strategy == "ddp"):
                 logits = self.engine(batch.input_ids, batch.attention_mask)  # (B, T, V)
-            out = self.cfg.loss(logits.float(), batch.teacher_logits, batch.targets, batch.loss_mask, progress)
+            allowed = (self.automaton.allowed_along(batch.targets, batch.loss_mask)
+                       if self.cfg.loss.positions == "choices" else None)  # (B, T, V)
+            out = self.cfg.loss(logits.float(), batch.teacher_logits, batch.targets, batch.loss_mask, progress,
+                                allowed)
             if t.strategy == "deepspeed":
                 self.engine.backward(out["loss"])
                 self.engine.step()  # DeepSpeed steps optimizer and schedule at the accumulation boundary

@@ -123,6 +123,27 @@ def test_batched_step_and_mask_agree_with_allowed(automaton, vocab):
     assert automaton.to("cpu").table.equal(automaton.table)
 
 
+def test_allowed_along_walks_each_answer_from_its_own_start(task, grammar, automaton, vocab):
+    """Answers laid out as collate does (comment, then the answer at a row's own offset, then padding):
+    at each answer position exactly the allowed set of the host-side walk; nothing elsewhere."""
+    answers = [vocab.indices(grammar.encode_answer(a)) for a in list(task.all_answers())[:5]]
+    starts = [3, 0, 7, 1, 4]
+    T = max(s + len(a) for s, a in zip(starts, answers)) + 2
+    targets = torch.zeros((len(answers), T), dtype=torch.long)
+    mask = torch.zeros((len(answers), T), dtype=torch.bool)
+    for i, (s, a) in enumerate(zip(starts, answers)):
+        targets[i, s:s + len(a)], mask[i, s:s + len(a)] = torch.tensor(a), True
+    allowed = automaton.allowed_along(targets, mask)  # (B, T, V)
+    assert allowed.shape == (len(answers), T, len(vocab))
+    assert not allowed[~mask].any()
+    for i, (s, a) in enumerate(zip(starts, answers)):
+        state = 0
+        for k, index in enumerate(a):
+            assert allowed[i, s + k].nonzero().flatten().tolist() == automaton.allowed(state)
+            state = automaton.edges[state][index]
+    assert ((allowed.sum(-1) > 1).sum(1) == len(task.fields)).all()  # one choice per field here
+
+
 def test_forced_is_none_exactly_at_value_branch_points(task, automaton, vocab, gemma_tokenizer):
     # walk one answer segment by segment; a value is chosen where each field's segment starts
     answer, state, branch_points = next(task.all_answers()), 0, {}  # state -> field

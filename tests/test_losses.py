@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import DistillLoss, cross_entropy, forward_kl, jsd, kl_weight, reverse_kl
+from distill.losses import KINDS, DistillLoss, cross_entropy, forward_kl, jsd, kl_weight, reverse_kl
 
 # -----------------------------------------------------------------------------
 # Naive references: one position at a time, explicit formulas
@@ -219,6 +219,37 @@ def test_distill_loss_gradient_has_both_terms():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_choices_loss_is_the_loss_over_the_allowed_tokens_at_choice_points(kind):
+    """positions=choices equals the plain loss computed by hand on the choice points alone, each
+    distribution cut down to its allowed tokens; forced positions and other tokens do not count."""
+    torch.manual_seed(1)
+    B, T, V = 3, 6, 7
+    student, teacher = torch.randn(B, T, V) * 3, torch.randn(B, T, V) * 3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :2] = False
+    allowed = torch.zeros(B, T, V, dtype=torch.bool)
+    allowed[..., 0] = True  # forced everywhere ...
+    allowed[:, 1, :3] = allowed[:, 4, 2:6] = True  # ... except two choice points per row
+    targets = torch.where(allowed.sum(-1) > 1, 2, 0)
+    out = DistillLoss(kind=kind, kl_start=0.5, kl_end=0.5, positions="choices")(
+        student, teacher, targets, mask, 0.3, allowed)
+
+    pairs = [(i, t) for i in range(B) for t in range(T) if mask[i, t] and allowed[i, t].sum() > 1]
+    assert len(pairs) == 5
+    divergence = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd}[kind]
+    kl = ce = 0.0
+    for i, t in pairs:
+        a = allowed[i, t]
+        one_s, one_t = student[i, t][a][None, None], teacher[i, t][a][None, None]  # (1, 1, allowed)
+        kl += divergence(one_s, one_t, None)
+        ce += cross_entropy(one_s, torch.tensor([[a.nonzero().flatten().tolist().index(2)]]), None)
+    torch.testing.assert_close(out["kl"], kl / len(pairs))
+    torch.testing.assert_close(out["ce"], ce / len(pairs))
+    with pytest.raises(ValueError, match="allowed tokens"):
+        DistillLoss(positions="choices")(student, teacher, targets, mask, 0.3)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(kind="kl"), "loss.kind"),
     (dict(temperature=0.0), "loss.temperature"),
@@ -226,6 +257,7 @@ def test_distill_loss_gradient_has_both_terms():
     (dict(kl_end=-0.1), "loss.kl_end"),
     (dict(kl_shape="step"), "loss.kl_shape"),
     (dict(jsd_beta=1.0), "loss.jsd_beta"),
+    (dict(positions="forced"), "loss.positions"),
 ])
 def test_distill_loss_checks_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.") + "="):

@@ -172,3 +172,13 @@ def test_a_pruned_copy_of_the_teacher_trains_and_classifies(tiny_teacher_dir, ti
     assert all(a["valid"] for a in answers)
     with pytest.raises(ConfigError, match="train.teacher_layers"):
         teacher_shaped_student(train_config(tiny_teacher_dir, tiny_records, tmp_path / "x", "train.teacher_layers=[2]"))
+
+
+def test_choices_only_loss_trains(tiny_teacher_dir, tiny_records, tmp_path):
+    """loss.positions=choices: the trainer hands the loss each position's allowed tokens; the loss,
+    over far fewer positions than the whole answer, is not the plain run's and still falls."""
+    cfg = train_config(tiny_teacher_dir, tiny_records, tmp_path / "run", "loss.positions=choices", "train.epochs=4")
+    assert finish_run(cfg, run_training(cfg))["complete"]
+    got = losses(tmp_path / "run")
+    assert all(l == l for l in got) and got[-1] < got[0]
+    assert got[0] != pytest.approx(json.loads(GOLDEN.read_text())[0], rel=1e-3)
