@@ -175,7 +175,9 @@ def teacher_margin(row: dict, transitions: list[dict[int, int]], vocab_size: int
         if len(allowed) > 1:
             top = torch.softmax(logits[step, allowed], -1).topk(2).values
             margin = min(margin, float(top[0] - top[1]))
-        state = transitions[state][idx]
+        state = transitions[state].get(idx)
+        if state is None:
+            raise ValueError(f"record {row.get('id')}: answer_ids are not an answer of the task's automaton")
     return margin
 
 

@@ -384,6 +384,8 @@ def test_inspect_summary_of_the_teacher_margin_and_human_agreement():
     sure = math.tanh(1.0)  # softmax([2, 0]) top-two gap = tanh(1)
     assert abs(records.teacher_margin(rows[0], transitions, 3, "float16") - sure) < 1e-3
     assert records.teacher_margin(rows[1], transitions, 3, "float16") == 0.0
+    with pytest.raises(ValueError, match="record positive1: answer_ids are not an answer"):
+        records.teacher_margin(dict(rows[1], answer_ids=[2, 2]), transitions, 3, "float16")
     lines = records.teacher_summary(manifest, table, transitions)
     assert lines[0].startswith("teacher   2 distinct answers; margin < 0.1 on 33.3%, >= 0.2 on 66.7%, >= 0.4 on 66.7%")
     assert "sentiment = the human label (GoEmotions) on 50.0% of 2 labelled comments" in lines[1]
